@@ -1,0 +1,241 @@
+"""The DARTS bilevel engine: the architecture step (and the matching weight step) for any model.
+
+A model exposes two kinds of parameters through two optimizers: weights w (the weight optimizer's parameters) and
+architecture parameters alpha (the architecture optimizer's). A task hands the engine loss functions that take a
+`forward` callable -- the model evaluated at some weights -- and return a scalar loss, so the engine can evaluate
+L_train and L_val at shifted weights through `torch.func.functional_call` without copying the model:
+
+    first:  grad_alpha L_val(w, alpha)
+    second: grad_alpha L_val(w', alpha) - xi * [grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)] / (2 eps)
+            w' = one virtual step of the real weight optimizer, v = grad_w' L_val(w', alpha), eps = r / ||v||  (eq. 6-7)
+    exact:  the same with the Hessian-vector product grad_alpha (grad_w L_train(w) . xi v) by double backward.
+
+xi is the learning rate of each weight's parameter group, read from the optimizer at call time (schedulers and
+per-step rescaling apply). The finite difference is taken along u = xi * v with eps = r / ||u||: with one learning
+rate these are exactly the paper's points w +- (r / ||v||) v, and with several groups it stays the right product.
+
+An architecture step leaves the model's weights, buffers (BatchNorm statistics run on copies) and the weight
+optimizer's state untouched, and the +-eps passes replay the random draws (dropout masks) of the training pass that
+defined w', so finite difference and double backward differentiate the same function.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from shared.errors import ConfigError
+
+Forward = Callable[..., Any]
+LossFn = Callable[[Forward], Tensor]
+Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes (DDP); a no-op on one process
+ORDERS = ("first", "second", "exact")
+
+
+@dataclass(frozen=True)
+class BilevelConfig:
+    order: str = "second"  # first | second (finite-difference Hessian) | exact (double-backward Hessian)
+    grad_clip: float | None = None  # max norm of the weight gradient, for the real and the virtual step alike
+    fd_radius: float = 0.01  # r in eps = r / ||v|| (paper eq. 7)
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.fd_radius <= 0:
+            raise ConfigError(f"fd_radius must be positive, got {self.fd_radius}")
+
+
+@dataclass
+class ArchGradient:
+    grads: list[Tensor]  # one per architecture parameter, in the architecture optimizer's order
+    valid_loss: Tensor  # the validation loss the gradient came from (detached), for logging
+
+
+def _no_reduce(tensors: Sequence[Tensor]) -> None:
+    pass
+
+
+def _grad(output: Tensor, inputs: list[Tensor], create_graph: bool = False) -> list[Tensor]:
+    """Gradients of `output`, zeros for inputs it does not use (a cell may leave an op or a weight out)."""
+    return list(torch.autograd.grad(output, inputs, create_graph=create_graph, allow_unused=True,
+                                    materialize_grads=True))
+
+
+def clip_coefficient(grads: Sequence[Tensor], max_norm: float | None) -> Tensor | float:
+    """The factor `torch.nn.utils.clip_grad_norm_` would scale these gradients by."""
+    if max_norm is None:
+        return 1.0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+class _RandomReplay:
+    """Snapshot of the RNG streams a forward pass may draw from, to replay the same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device if device.type == "cuda" else None
+        self.states = self._get()
+
+    def _get(self) -> tuple[Tensor, Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
+
+    def _set(self, states: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(states[0])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(states[1], self.cuda)
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block with the snapshot's draws, then put the streams back where they were."""
+        resume = self._get()
+        self._set(self.states)
+        try:
+            yield
+        finally:
+            self._set(resume)
+
+
+class Bilevel:
+    """Architecture and weight steps of DARTS for `model`, whose parameters the two optimizers split between them."""
+
+    def __init__(self, model: nn.Module, weight_optimizer: torch.optim.Optimizer,
+                 arch_optimizer: torch.optim.Optimizer, config: BilevelConfig, reduce: Reduce = _no_reduce) -> None:
+        self.model, self.config, self.reduce = model, config, reduce
+        self.weight_optimizer, self.arch_optimizer = weight_optimizer, arch_optimizer
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.weights = [(names[id(p)], p) for g in weight_optimizer.param_groups for p in g["params"]]
+        self.alphas = [(names[id(p)], p) for g in arch_optimizer.param_groups for p in g["params"]]
+        if {n for n, _ in self.weights} & {n for n, _ in self.alphas}:
+            raise ConfigError("a parameter is in both the weight and the architecture optimizer")
+
+    # ---- the two steps -------------------------------------------------------------------------------------------
+    def weight_step(self, train_loss: LossFn) -> Tensor:
+        """One real weight step: backward into the weights only, reduce, clip, optimizer step. Returns the loss."""
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        loss = train_loss(self.model)
+        params = [p for _, p in self.weights]
+        torch.autograd.backward(loss, inputs=params)  # no alpha gradients: they are the architecture step's business
+        self.reduce([p.grad for p in params])
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.weight_optimizer.step()
+        return loss.detach()
+
+    def arch_step(self, train_loss: LossFn, valid_loss: LossFn) -> Tensor:
+        """One architecture step with the configured order. Returns the validation loss (detached)."""
+        result = self.hypergradient(train_loss, valid_loss)
+        self.arch_optimizer.zero_grad(set_to_none=True)
+        for (_, alpha), grad in zip(self.alphas, result.grads):
+            alpha.grad = grad
+        self.arch_optimizer.step()
+        return result.valid_loss
+
+    def hypergradient(self, train_loss: LossFn, valid_loss: LossFn) -> ArchGradient:
+        """The architecture gradient of the configured order, reduced across processes; changes nothing."""
+        if self.config.order == "first":
+            result = self._first_order(valid_loss)
+        else:
+            result = self._unrolled(train_loss, valid_loss, exact=self.config.order == "exact")
+        self.reduce(result.grads)
+        return result
+
+    # ---- gradients -----------------------------------------------------------------------------------------------
+    def _first_order(self, valid_loss: LossFn) -> ArchGradient:
+        weights = {n: p.detach() for n, p in self.weights}  # detached: no weight gradients are built or kept
+        loss = valid_loss(self._forward(weights, dict(self.alphas)))
+        grads = _grad(loss, [a for _, a in self.alphas])
+        return ArchGradient(list(grads), loss.detach())
+
+    def _unrolled(self, train_loss: LossFn, valid_loss: LossFn, exact: bool) -> ArchGradient:
+        alphas = [a for _, a in self.alphas]
+        random = _RandomReplay(alphas[0].device)  # before the training pass: the +-eps passes replay its draws
+        # 1. training gradient at w, for the virtual step (kept differentiable in alpha for the exact product)
+        w = {n: p.detach().requires_grad_() for n, p in self.weights}
+        alpha_in = dict(self.alphas) if exact else {n: a.detach() for n, a in self.alphas}
+        loss = train_loss(self._forward(w, alpha_in))
+        g_train = _grad(loss, list(w.values()), create_graph=exact)
+        # 2. w' and the validation gradients there
+        step = [g.detach() for g in g_train]
+        self.reduce(step)
+        w_prime = {n: t.requires_grad_() for n, t in zip(w, self.virtual_step(step))}
+        loss_val = valid_loss(self._forward(w_prime, dict(self.alphas)))
+        grads = _grad(loss_val, alphas + list(w_prime.values()))
+        g_alpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
+        self.reduce(v)
+        # 3. the Hessian-vector product along u = xi * v
+        u = [lr * vi for lr, vi in zip(self._learning_rates(), v)]
+        if exact:
+            hvp = _grad(sum((g * ui).sum() for g, ui in zip(g_train, u)), alphas)
+        else:
+            hvp = self._finite_difference(train_loss, u, random)
+        return ArchGradient([g - h for g, h in zip(g_alpha, hvp)], loss_val.detach())
+
+    def _finite_difference(self, train_loss: LossFn, u: list[Tensor], random: _RandomReplay) -> list[Tensor]:
+        """(grad_alpha L_train(w + eps u) - grad_alpha L_train(w - eps u)) / (2 eps), eps = r / ||u||."""
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(ui) for ui in u]))
+        eps = self.config.fd_radius / norm.clamp_min(1e-12)
+        alphas = [a for _, a in self.alphas]
+        sides = []
+        for sign in (1.0, -1.0):
+            shifted = {n: p.detach() + (sign * eps) * ui for (n, p), ui in zip(self.weights, u)}
+            with random.replay():  # the same dropout masks as the training pass at w
+                loss = train_loss(self._forward(shifted, dict(self.alphas)))
+            sides.append(_grad(loss, alphas))
+        return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
+
+    # ---- the virtual weight step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def virtual_step(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """The weights one step of the real weight optimizer would produce from `grads` (clipped like the real
+        step), computed out of place: parameters and optimizer state stay as they are."""
+        coef = clip_coefficient(grads, self.config.grad_clip)
+        grads = [g * coef for g in grads]
+        if type(self.weight_optimizer) is torch.optim.SGD:
+            return self._sgd_step(grads)
+        return self._generic_step(grads)
+
+    def _sgd_step(self, grads: list[Tensor]) -> list[Tensor]:
+        """torch.optim.SGD's update written out (momentum, dampening, nesterov, weight decay, maximize)."""
+        out, grads_iter = [], iter(grads)
+        for group in self.weight_optimizer.param_groups:
+            mu, damp, decay = group["momentum"], group["dampening"], group["weight_decay"]
+            for p in group["params"]:
+                d = next(grads_iter)
+                d = -d if group.get("maximize", False) else d
+                if decay:
+                    d = d + decay * p
+                if mu:
+                    buf = self.weight_optimizer.state.get(p, {}).get("momentum_buffer")
+                    buf = d if buf is None else mu * buf + (1 - damp) * d
+                    d = d + mu * buf if group["nesterov"] else buf
+                out.append(p - group["lr"] * d)
+        return out
+
+    def _generic_step(self, grads: list[Tensor]) -> list[Tensor]:
+        """Any other optimizer: step a twin over copies of the weights, loaded with a copy of the real state."""
+        copies = [p.detach().clone() for _, p in self.weights]
+        for c, g in zip(copies, grads):
+            c.grad = g
+        groups, it = [], iter(copies)
+        for group in self.weight_optimizer.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [next(it) for _ in group["params"]]})
+        twin = type(self.weight_optimizer)(groups)
+        twin.load_state_dict(copy.deepcopy(self.weight_optimizer.state_dict()))
+        twin.step()
+        return copies
+
+    def _learning_rates(self) -> list[float]:
+        return [g["lr"] for g in self.weight_optimizer.param_groups for _ in g["params"]]
+
+    def _forward(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
+        """The model as a function of the given tensors; buffers are copies, so BatchNorm statistics stay put."""
+        tensors = {**{n: b.clone() for n, b in self.model.named_buffers()}, **weights, **alphas}
+        return lambda *args, **kwargs: functional_call(self.model, tensors, args, kwargs)
