@@ -1,0 +1,319 @@
+"""Penn Treebank for the word-level language-model search: loading, vocabulary and BPTT batching.
+
+The corpus is Mikolov's word-level PTB (ptb.train.txt, ptb.valid.txt, ptb.test.txt, one sentence per line);
+any plain-text corpus with the same three-file layout works too. Text is read through `datasets`, the vocabulary
+is a `tokenizers` WordLevel model trained on the training split, and every line ends in `<eos>`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+from shared.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+EOS = "<eos>"
+UNK = "<unk>"
+HUB_ID = "ptb-text-only/ptb_text_only"  # Hugging Face hub copy of the same Mikolov text
+HUB_COLUMN = "sentence"
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+HUB_PROBE_TIMEOUT_S = 5.0  # offline machines must fail in seconds, not after minutes of retries
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_UNBOUNDED_VOCAB = 2**31 - 1  # the corpus decides the vocabulary (10k on PTB), not the trainer
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
+class Corpus:
+    """A tokenized corpus: the tokenizer and three 1-D int64 tensors of token ids (each line ends in <eos>)."""
+
+    tokenizer: Tokenizer
+    train: torch.Tensor  # (N_train,)
+    valid: torch.Tensor  # (N_valid,)
+    test: torch.Tensor  # (N_test,)
+    source: str  # the folder it was read from, or the hub dataset
+
+    @property
+    def ntoken(self) -> int:
+        """Vocabulary size: the number of rows of the embedding and of the decoder output."""
+        return self.tokenizer.get_vocab_size()
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """Where the corpus lives: `data_dir` if given; else $DARTS_DATA_DIR (or its `ptb/`); else ./data/ptb."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("DARTS_DATA_DIR")
+    if env:
+        root = Path(env).expanduser()
+        return root if (root / SPLIT_FILES["train"]).is_file() else root / "ptb"
+    return Path("data") / "ptb"
+
+
+def load_corpus(data_dir: str | Path | None = None) -> Corpus:
+    """Load and tokenize the corpus from a local folder, or from the Hugging Face hub when the folder is absent.
+
+    Raises `DataError` for a missing corpus, a missing or empty split, non-UTF-8 text, or a valid/test word
+    outside the training vocabulary when the vocabulary has no `<unk>`.
+    """
+    start = time.perf_counter()
+    folder = resolve_data_dir(data_dir)
+    if folder.is_dir():
+        lines, names = _read_local(folder), {s: str(folder / f) for s, f in SPLIT_FILES.items()}
+        source = str(folder)
+    elif folder.exists():
+        raise DataError(f"{folder} is a file, not a folder: point data_dir or DARTS_DATA_DIR at the folder "
+                        "that holds ptb.train.txt, ptb.valid.txt and ptb.test.txt")
+    else:
+        lines, source = _read_hub(folder), f"hf://datasets/{HUB_ID}"
+        names = {s: f"{source} split {h!r}" for s, h in HUB_SPLITS.items()}
+    corpus = _build_corpus(lines, names, source)
+    logger.info("loaded %s in %.1f s: %d word types; train/valid/test %d/%d/%d tokens", source,
+                time.perf_counter() - start, corpus.ntoken, len(corpus.train), len(corpus.valid), len(corpus.test))
+    return corpus
+
+
+def save_tokenizer(corpus: Corpus, path: str | Path) -> Path:
+    """Write the corpus tokenizer as JSON (written to a temporary file, then renamed) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    corpus.tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a tokenizer written by `save_tokenizer`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no tokenizer file at {path}: pass the tokenizer JSON that save_tokenizer wrote")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises bare Exceptions for malformed JSON
+        raise DataError(f"{path} is not a tokenizer JSON file ({_one_line(exc)}); "
+                        "pass the file that save_tokenizer wrote") from exc
+
+
+def batchify(data: torch.Tensor, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Cut a 1-D token stream into `batch_size` columns, trimming the tail that does not fill a row.
+
+    The alphabet with batch_size=4 (as in pytorch/examples word_language_model)::
+
+        a g m s
+        b h n t     26 tokens -> (T=6, B=4); y and z are trimmed.
+        c i o u     Each column is a contiguous stretch of text read top to bottom,
+        d j p v     so the hidden state carried from one BPTT window to the next
+        e k q w     continues the same text. The columns are independent streams.
+        f l r x
+
+    Returns a (T, B) tensor with T = len(data) // batch_size, on `device` if given.
+    """
+    if data.dim() != 1:
+        raise ValueError(f"batchify expects a 1-D token tensor, got shape {tuple(data.shape)}")
+    if batch_size < 1 or batch_size > data.numel():
+        raise ConfigError(f"batch_size={batch_size} does not fit a stream of {data.numel()} tokens; "
+                          f"use a batch size between 1 and {data.numel()}")
+    rows = data.numel() // batch_size
+    # (B*T,) -> (B, T): row b is the b-th stretch of text; transpose so time runs down the columns.
+    batched = data[: rows * batch_size].view(batch_size, rows).t().contiguous()  # (T, B)
+    return batched if device is None else batched.to(device)
+
+
+def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for the BPTT window starting at row `i` of a batchified source.
+
+    With the source from `batchify`'s example, i=1 and seq_len=2::
+
+        x = b h n t     y = c i o u     y is x shifted one row down: the token that follows each input.
+            c i o u         d j p v
+
+    Returns x and y, both (seq_len', B), where seq_len' = min(seq_len, T - 1 - i) clips the last window.
+    """
+    if not 0 <= i < source.size(0) - 1:
+        raise IndexError(f"window start {i} outside 0..{source.size(0) - 2} for a source of {source.size(0)} rows")
+    if seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len}: a BPTT window needs at least one step")
+    seq_len = min(seq_len, source.size(0) - 1 - i)
+    return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len]  # (seq_len', B) each
+
+
+def bptt_windows(n_steps: int, bptt: int, generator: torch.Generator, max_extra: int = 20,
+                 vary: bool = True) -> Iterator[tuple[int, int]]:
+    """Yield (start, seq_len) windows that cover steps 0..n_steps-1 once, in order.
+
+    For a batchified source of T rows pass n_steps = T - 1 (the last row is only ever a target). With
+    `vary` (AWD-LSTM), each window's base length is `bptt` with probability 0.95, else bptt / 2, and
+    seq_len = max(5, int(Normal(base, 5))) capped at bptt + max_extra; the random window edges mean the
+    model sees different cuts of the text every epoch. Without `vary` the windows are a fixed `bptt`.
+    The last window is clipped to what remains. All draws come from `generator`, so restoring its
+    state (`generator.set_state`) replays the same windows.
+    """
+    if n_steps < 0 or bptt < 1 or max_extra < 0:
+        raise ConfigError(f"bptt_windows needs n_steps >= 0, bptt >= 1 and max_extra >= 0; "
+                          f"got n_steps={n_steps}, bptt={bptt}, max_extra={max_extra}")
+    start = 0
+    while start < n_steps:
+        seq_len = _draw_seq_len(bptt, generator, max_extra) if vary else bptt
+        seq_len = min(seq_len, n_steps - start)
+        yield start, seq_len
+        start += seq_len
+
+
+def unigram_perplexity(corpus: Corpus) -> float:
+    """Perplexity on the valid split of the unigram model with train-split frequencies (a floor any LM must beat)."""
+    counts = torch.bincount(corpus.train, minlength=corpus.ntoken).double()  # (ntoken,)
+    log_probs = counts.log() - counts.sum().log()  # (ntoken,)
+    return math.exp(-log_probs[corpus.valid].mean().item())
+
+
+def _draw_seq_len(bptt: int, generator: torch.Generator, max_extra: int) -> int:
+    # Both draws happen on every call, in a fixed order, so the generator state alone decides the sequence.
+    base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
+    seq_len = max(5, int(torch.normal(float(base), 5.0, size=(), generator=generator).item()))
+    return min(seq_len, bptt + max_extra)
+
+
+def _read_local(folder: Path) -> dict[str, list[str]]:
+    """The lines of each split file of `folder`, read with the `datasets` text loader."""
+    paths = {split: folder / name for split, name in SPLIT_FILES.items()}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"{folder} has no {' or '.join(missing)}: a corpus folder needs ptb.train.txt, "
+                        "ptb.valid.txt and ptb.test.txt (one sentence per line); add the missing file")
+    for split, path in paths.items():
+        if path.stat().st_size == 0:
+            raise _empty_split(split, str(path))
+    import datasets  # imported here: it takes seconds and only loading needs it
+
+    features = datasets.Features({"text": datasets.Value("string")})
+    # The arrow cache goes to a temporary folder and the tables are kept in memory: PTB is 5 MB, re-reading it
+    # is faster than managing a persistent cache, and nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix="ptb-") as cache_dir, _quiet_progress_bars():
+        try:
+            dataset = datasets.load_dataset("text", data_files={s: str(p) for s, p in paths.items()},
+                                            features=features, cache_dir=cache_dir, keep_in_memory=True)
+        except Exception as exc:  # datasets wraps decoding errors in DatasetGenerationError
+            _raise_if_not_utf8(paths.values())
+            raise DataError(f"could not read the corpus in {folder}: {_one_line(exc.__cause__ or exc)}; "
+                            "check that the three files are plain text, one sentence per line") from exc
+        # Slicing the whole split returns its column as one list; iterating a Column goes row by row (~100x slower).
+        return {split: dataset[split][:]["text"] for split in SPLIT_FILES}
+
+
+def _read_hub(folder: Path) -> dict[str, list[str]]:
+    """The lines of each split of the hub copy of PTB; fails fast (DataError) when offline."""
+    remedies = (f"no corpus folder at {folder.absolute()}: point data_dir or DARTS_DATA_DIR at a folder with "
+                f"ptb.train.txt, ptb.valid.txt and ptb.test.txt, or go online to download PTB from the "
+                f"Hugging Face hub ({HUB_ID})")
+    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
+    if offline:
+        raise DataError(f"{remedies} (hub skipped because {'/'.join(offline)} is set)")
+    logger.warning("no corpus folder at %s; trying the Hugging Face hub (%s)", folder, HUB_ID)
+    try:
+        import datasets
+        from huggingface_hub import HfApi
+
+        # A cheap metadata request with a short timeout: without it an offline machine waits on retries.
+        HfApi().dataset_info(HUB_ID, timeout=HUB_PROBE_TIMEOUT_S)
+        with _quiet_progress_bars():
+            dataset = datasets.load_dataset(HUB_ID)
+        return {split: dataset[hub_split][:][HUB_COLUMN] for split, hub_split in HUB_SPLITS.items()}
+    except Exception as exc:  # network, auth and format errors all leave the user with the same two remedies
+        raise DataError(f"{remedies} (hub download failed: {type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _build_corpus(lines: dict[str, list[str]], names: dict[str, str], source: str) -> Corpus:
+    """Train the vocabulary on the training lines and encode the three splits."""
+    for split, split_lines in lines.items():
+        if not any(line.strip() for line in split_lines):
+            raise _empty_split(split, names[split])
+    tokenizer = _train_tokenizer(lines["train"])
+    ids = {split: _encode(tokenizer, split_lines, split, names[split]) for split, split_lines in lines.items()}
+    return Corpus(tokenizer=tokenizer, source=source, **ids)
+
+
+def _train_tokenizer(train_lines: Sequence[str]) -> Tokenizer:
+    """A WordLevel tokenizer over whitespace-split words of the training lines that appends <eos> to each line."""
+    # unk_token names <unk> either way; lookups only fall back to it when the training text contains <unk>.
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(vocab_size=_UNBOUNDED_VOCAB, min_frequency=0, special_tokens=[EOS],
+                                        show_progress=False)
+    tokenizer.train_from_iterator(train_lines, trainer)
+    # The post-processor, not the caller, appends <eos>, so the saved tokenizer reproduces the corpus ids.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))])
+    return tokenizer
+
+
+def _encode(tokenizer: Tokenizer, lines: Sequence[str], split: str, name: str) -> torch.Tensor:
+    """Token ids of all lines of one split, concatenated: (N,) int64."""
+    try:
+        encodings = tokenizer.encode_batch(lines)
+    except Exception as exc:  # WordLevel raises a bare Exception for an unknown word when <unk> is absent
+        unknown = _first_unknown(tokenizer, lines)
+        if unknown is None:
+            raise DataError(f"could not tokenize the {split} split ({name}): {_one_line(exc)}") from exc
+        word, line_no = unknown
+        raise DataError(f"the {split} split ({name}, line {line_no}) has the word {word!r}, which is not in the "
+                        f"training vocabulary and the vocabulary has no {UNK}; add {UNK} to the training text "
+                        f"or replace out-of-vocabulary words with {UNK}") from exc
+    total = sum(len(e.ids) for e in encodings)
+    flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
+    return torch.from_numpy(flat)
+
+
+def _first_unknown(tokenizer: Tokenizer, lines: Sequence[str]) -> tuple[str, int] | None:
+    """The first word (and its 1-based line number) that is not in the vocabulary, if any."""
+    vocab = tokenizer.get_vocab()
+    for line_no, line in enumerate(lines, start=1):
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(line):
+            if word not in vocab:
+                return word, line_no
+    return None
+
+
+def _raise_if_not_utf8(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8, "
+                            f"e.g. iconv -f latin1 -t utf-8") from exc
+
+
+def _empty_split(split: str, name: str) -> DataError:
+    return DataError(f"the {split} split ({name}) holds no words; every split needs text, one sentence per line")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Silence the datasets progress bars for one call, then restore the caller's setting."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()

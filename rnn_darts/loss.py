@@ -1,0 +1,25 @@
+"""Losses of the recurrent search: the language-model cross entropy and AWD-LSTM's activation regularisers.
+
+The supernet returns the cell outputs before (`outputs`) and after (`dropped_outputs`) the output dropout; AR
+penalises the size of the dropped outputs, TAR the change of the raw outputs between time steps (Merity et al.,
+2018). The DARTS search uses TAR with beta = 1e-3 and no AR.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross entropy of logits (T, B, ntoken) against targets (T, B) or (T * B,): log-perplexity per token."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def tar(outputs: Tensor, beta: float = 1e-3) -> Tensor:
+    """Temporal activation regularisation: beta * mean((h_{t+1} - h_t)^2) over outputs (T, B, H) before dropout."""
+    return beta * (outputs[1:] - outputs[:-1]).pow(2).mean()
+
+
+def ar(dropped_outputs: Tensor, alpha: float = 0.0) -> Tensor:
+    """Activation regularisation: alpha * mean(h^2) over the outputs after the output dropout (T, B, H)."""
+    return alpha * dropped_outputs.pow(2).mean()

@@ -1,0 +1,180 @@
+"""The recurrent-cell search task: PTB batches, hidden states and losses handed to the shared loop and engine.
+
+Per step (as the original train_search.py): a BPTT window of random length from the training stream, the window at
+the same place of the architecture stream, the learning rate scaled by seq_len / bptt (so xi follows it), then the
+architecture step and the weight step. Hidden states carry across windows, detached; they restart every epoch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
+from rnn_darts.loss import language_model_loss, tar
+from rnn_darts.supernet import RNNSupernet, SupernetConfig
+from shared.bilevel import Bilevel, BilevelConfig, LossFn
+from shared.errors import ConfigError
+from shared.genotypes import RNNGenotype
+from shared.search import Meter, progress_bar
+
+ARCH_DATA = ("valid", "train")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    order: str = "second"  # first | second | exact | plain (weight steps only: a baseline and the benchmark)
+    batch_size: int = 256
+    eval_batch_size: int = 10
+    bptt: int = 35
+    max_seq_len_delta: int = 20  # longest window: bptt + this
+    learning_rate: float = 20.0
+    weight_decay: float = 5e-7
+    grad_clip: float = 0.25
+    beta: float = 1e-3  # temporal activation regularisation
+    arch_learning_rate: float = 3e-3
+    arch_weight_decay: float = 1e-3
+    arch_data: str = "valid"  # architecture batches: the PTB valid split (paper) or a held-out part of train
+    arch_fraction: float = 0.5  # with arch_data=train: the share of train held out for the architecture
+    train_tokens: int | None = None  # use only the first N training tokens (smoke runs)
+    eval_tokens: int | None = None  # evaluate on the first N valid tokens (None: the whole split)
+    decoder_bias: str = "zero"  # zero (the paper) | unigram: start from the log word frequencies of the train split
+
+    def __post_init__(self) -> None:
+        if self.order != "plain":
+            BilevelConfig(order=self.order)
+        if self.arch_data not in ARCH_DATA:
+            raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
+        if not 0 < self.arch_fraction < 1:
+            raise ConfigError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
+        for name in ("batch_size", "eval_batch_size", "bptt", "learning_rate", "grad_clip", "arch_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decoder_bias not in ("zero", "unigram"):
+            raise ConfigError(f"decoder_bias must be zero or unigram, got {self.decoder_bias!r}")
+        if self.eval_batch_size < 2 or self.batch_size < 2:
+            raise ConfigError("batch_size and eval_batch_size must be >= 2: the search cell normalises over the batch")
+
+
+def split_streams(corpus: Corpus, config: SearchConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The 1-D token streams for weights, architecture and evaluation."""
+    train = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
+    valid = corpus.valid[:config.eval_tokens] if config.eval_tokens else corpus.valid
+    if config.arch_data == "valid":
+        return train, corpus.valid, valid
+    cut = int(len(train) * (1 - config.arch_fraction))
+    return train[:cut], train[cut:], valid
+
+
+def log_unigram(tokens: Tensor, ntoken: int) -> Tensor:
+    """Log word frequencies with add-one smoothing, (ntoken,): the decoder bias of a model that knows no context."""
+    counts = torch.bincount(tokens, minlength=ntoken).double() + 1
+    return (counts / counts.sum()).log().float()
+
+
+class RNNSearchTask:
+    """DARTS on the recurrent search space; implements `shared.search.SearchTask`."""
+
+    def __init__(self, corpus: Corpus, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
+                 seed: int) -> None:
+        self.config, self.device = config, device
+        train, arch, valid = split_streams(corpus, config)
+        self.train_data = batchify(train, config.batch_size, device)  # (T, B)
+        self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
+        self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval)
+        self.model = RNNSupernet(model_config).to(device)
+        if config.decoder_bias == "unigram":
+            with torch.no_grad():
+                self.model.decoder.bias.copy_(log_unigram(train, model_config.ntoken))
+        weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
+                                     weight_decay=config.weight_decay)
+        arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
+                                    weight_decay=config.arch_weight_decay)
+        order = "first" if config.order == "plain" else config.order
+        self.engine = Bilevel(self.model, weight_opt, arch_opt, BilevelConfig(order=order, grad_clip=config.grad_clip))
+        self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
+
+    # ---- losses --------------------------------------------------------------------------------------------------
+    def loss(self, x: Tensor, y: Tensor, hidden: Tensor, regularise: bool, keep: dict[str, Tensor] | None = None
+             ) -> LossFn:
+        """Cross entropy (+ TAR when `regularise`) of the window; `keep` receives the new hidden state and the CE."""
+
+        def loss_fn(forward: Any) -> Tensor:
+            logits, new_hidden, outputs, _ = forward(x, hidden)
+            cross_entropy = language_model_loss(logits, y)
+            if keep is not None:
+                keep.update(hidden=new_hidden.detach(), cross_entropy=cross_entropy.detach())
+            return cross_entropy + tar(outputs, self.config.beta) if regularise else cross_entropy
+
+        return loss_fn
+
+    # ---- an epoch ------------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        config, model = self.config, self.model
+        model.train()
+        hidden = model.init_hidden(config.batch_size)
+        arch_hidden = model.init_hidden(config.batch_size)
+        windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
+        meter, arch_pos = Meter(), 0
+        bar = progress_bar(len(windows), f"epoch {epoch}")
+        for start, seq_len in windows:
+            x, y = get_batch(self.train_data, start, seq_len)
+            if arch_pos + 1 >= self.arch_data.size(0):  # the architecture stream wraps around: restart its state
+                arch_pos, arch_hidden = 0, model.init_hidden(config.batch_size)
+            xa, ya = get_batch(self.arch_data, arch_pos, seq_len)
+            arch_pos += xa.size(0)
+            for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
+                group["lr"] = config.learning_rate * x.size(0) / config.bptt
+            if config.order != "plain":
+                arch_keep: dict[str, Tensor] = {}
+                self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
+                arch_hidden = arch_keep["hidden"]
+            keep: dict[str, Tensor] = {}
+            self.engine.weight_step(self.loss(x, y, hidden, True, keep))
+            hidden = keep["hidden"]
+            meter.add(cross_entropy=keep["cross_entropy"] * x.size(0), tokens=x.size(0))
+            if bar.n % 10 == 0:
+                sums = meter.check()
+                bar.set_postfix(loss=f"{sums['cross_entropy'] / sums['tokens']:.3f}",
+                                ppl=f"{math.exp(min(sums['cross_entropy'] / sums['tokens'], 50)):.1f}")
+            bar.update()
+        bar.close()
+        for group in self.engine.weight_optimizer.param_groups:
+            group["lr"] = config.learning_rate
+        sums = meter.check()
+        loss = sums["cross_entropy"] / sums["tokens"]
+        return {"train_loss": loss, "train_ppl": math.exp(min(loss, 700))}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried."""
+        model, data = self.model, self.valid_data
+        model.eval()
+        hidden = model.init_hidden(data.size(1))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, data.size(0) - 1, self.config.bptt):
+            x, y = get_batch(data, start, self.config.bptt)
+            logits, hidden, _, _ = model(x, hidden)
+            total += language_model_loss(logits, y).double() * x.size(0)
+        loss = total.item() / (data.size(0) - 1)
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 700))}
+
+    # ---- what the loop records -----------------------------------------------------------------------------------
+    def genotype(self) -> RNNGenotype:
+        return self.model.genotype()
+
+    def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
+        ops = [op for op, _ in genotype.recurrent]
+        return {"identity_share": ops.count("identity") / len(ops)}
+
+    def alpha_softmax(self) -> dict[str, Tensor]:
+        return {"alphas": self.model.alpha_softmax()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": self.windows.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows.set_state(state["windows"])

@@ -1,0 +1,226 @@
+"""The recurrent DARTS search supernet (Liu et al., 2019, section 2.1; rnn/model_search.py of quark0/darts).
+
+One recurrent layer whose cell is a DAG of `steps` nodes over states s_0..s_steps. The cell input state is a highway
+step of (x_t, h_{t-1}); node i mixes every earlier state s_j through every candidate activation f_k,
+
+    c_j, h_j = split((s_j * h_mask) @ Ws[i]),   c_j = sigmoid(c_j)
+    s_i      = BN( sum_j sum_{k != none} softmax(alphas)[offset_i + j, k] * (s_j + c_j * (f_k(h_j) - s_j)) )
+
+and the cell output h_t is the mean of s_1..s_steps. Embedding and decoder are tied; the dropouts are AWD-LSTM's.
+The alphas are an `nn.Parameter` on the supernet (state dict, `functional_call`), split from the weights by name.
+
+    tokens (T, B) -> embed (T, B, ninp) -> cell, step by step -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnn_darts.dropout import dropout_mask, embedding_dropout, locked_dropout
+from rnn_darts.ops import ACTIVATIONS, NONE
+from shared.errors import ConfigError
+from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
+
+ARCH_PARAMETER_NAMES = ("alphas",)
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """Sizes, dropouts and search space of the recurrent supernet; the defaults are the paper's PTB search."""
+
+    ntoken: int  # vocabulary size (10,000 on PTB)
+    ninp: int = 300  # embedding size; tied to the decoder, so it must equal nhid
+    nhid: int = 300  # cell state size
+    nhidlast: int = 300  # size of the last layer's output (one layer here, so nhid)
+    dropout: float = 0.75  # locked dropout on the cell outputs, before the decoder
+    dropouth: float = 0.25  # the cell's hidden-state mask, one per sequence
+    dropoutx: float = 0.75  # the cell's input mask, one per sequence
+    dropouti: float = 0.2  # locked dropout on the embedding output
+    dropoute: float = 0.0  # word (embedding-row) dropout
+    steps: int = 8  # intermediate nodes of the cell; the output averages all of them
+    primitives: tuple[str, ...] = RNN_PRIMITIVES  # the alpha columns, in order; names from rnn_darts.ops.ACTIVATIONS
+    init_range: float = 0.04  # cell matrices are uniform(-init_range, init_range)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "primitives", tuple(self.primitives))
+        _check_sizes(self)
+        _check_primitives(self.primitives)
+
+    @property
+    def num_edges(self) -> int:
+        """Alpha rows: node i (0-based) has i + 1 predecessors, so 1 + 2 + ... + steps (36 for 8 steps)."""
+        return self.steps * (self.steps + 1) // 2
+
+
+def _check_sizes(config: SupernetConfig) -> None:
+    for name in ("ntoken", "ninp", "nhid", "nhidlast", "steps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not config.ninp == config.nhid == config.nhidlast:
+        raise ConfigError(f"ninp, nhid and nhidlast must be equal (tied embedding and decoder, one layer), got "
+                          f"{config.ninp}, {config.nhid}, {config.nhidlast}")
+    for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
+        value = getattr(config, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+    if not config.init_range > 0:
+        raise ConfigError(f"init_range must be positive, got {config.init_range!r}")
+
+
+def _check_primitives(primitives: tuple[str, ...]) -> None:
+    for name in primitives:
+        if name not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {name!r} in primitives; registered: {', '.join(ACTIVATIONS)}")
+    if len(set(primitives)) != len(primitives):
+        raise ConfigError(f"primitives has duplicate names: {', '.join(primitives)}")
+    if all(name == NONE for name in primitives):
+        raise ConfigError(f"primitives needs at least one op other than {NONE!r}, got {primitives}")
+
+
+class SearchCell(nn.Module):
+    """The DARTS search cell: `W0` for the input state, one matrix `Ws[i]` per node shared by its predecessors.
+
+    BatchNorm (no affine, as the original search cell) normalises s_0 and every node output, but with batch
+    statistics in train *and* eval mode (`track_running_stats=False`), a deliberate departure from the original: there
+    the eval pass used running statistics before they were trained, so the states compounded through the nodes and
+    the time steps (the hidden state reached 1e29 within one 35-token window) and validation perplexity was NaN.
+    With batch statistics there are no running buffers at all, the cell is finite from the first evaluation, and an
+    architecture step has no statistics to corrupt. A batch therefore needs at least two sequences.
+    """
+
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        ninp, nhid, r = config.ninp, config.nhid, config.init_range
+        self.ninp, self.nhid, self.steps = ninp, nhid, config.steps
+        self.W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-r, r))  # rows: x first, then h
+        self.Ws = nn.ParameterList(
+            [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-r, r)) for _ in range(config.steps)])
+        self.bn = nn.BatchNorm1d(nhid, affine=False, track_running_stats=False)
+        # 'none' contributes nothing to a node: skip its column rather than compute zeros.
+        self.op_columns = tuple(k for k, name in enumerate(config.primitives) if name != NONE)
+        self.activations = tuple(ACTIVATIONS.get(config.primitives[k]) for k in self.op_columns)
+
+    def node_weights(self, probs: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per node i: the (i+1, K) softmax weights of its non-none ops and their (i+1, 1, 1) row sums."""
+        active = probs[:, list(self.op_columns)]  # (num_edges, K)
+        totals = active.sum(-1)[:, None, None]  # (num_edges, 1, 1)
+        sizes = list(range(1, self.steps + 1))
+        return list(zip(active.split(sizes), totals.split(sizes)))
+
+    def forward(self, inputs: Tensor, hidden: Tensor, probs: Tensor, x_mask: Tensor | None = None,
+                h_mask: Tensor | None = None) -> Tensor:
+        """Run the cell over inputs (T, B, ninp) from hidden (B, nhid) with op weights probs (num_edges, primitives).
+
+        x_mask (B, ninp) and h_mask (B, nhid) are the per-sequence dropout masks (None: no dropout). Returns the cell
+        outputs (T, B, nhid); the last one is the new hidden state.
+        """
+        weights = self.node_weights(probs)
+        Ws = list(self.Ws)
+        x = inputs if x_mask is None else inputs * x_mask  # (T, B, ninp)
+        # cat(x, h) @ W0 == x @ W0[:ninp] + h @ W0[ninp:]: the input half for all T in one matmul.
+        xw = x @ self.W0[: self.ninp]  # (T, B, 2H)
+        w_h = self.W0[self.ninp:]  # (H, 2H)
+        outputs = []
+        for t in range(inputs.size(0)):
+            hidden = self.step(xw[t], hidden, w_h, Ws, weights, h_mask)
+            outputs.append(hidden)
+        return torch.stack(outputs)  # (T, B, H)
+
+    def step(self, xw: Tensor, h_prev: Tensor, w_h: Tensor, Ws: list[Tensor], weights: list[tuple[Tensor, Tensor]],
+             h_mask: Tensor | None) -> Tensor:
+        """One time step: xw (B, 2H) is x_t's share of the init matmul, h_prev (B, H). Returns h_t (B, H)."""
+        masked = h_prev if h_mask is None else h_prev * h_mask
+        c0, h0 = torch.addmm(xw, masked, w_h).split(self.nhid, dim=-1)  # (B, H) each
+        s0 = self.bn(torch.lerp(h_prev, h0.tanh(), c0.sigmoid()))  # h_prev + c0 * (h0 - h_prev)
+        states = s0.unsqueeze(0)  # (1, B, H)
+        for i in range(self.steps):
+            s = self.node(states, Ws[i], *weights[i], h_mask)
+            states = torch.cat([states, s.unsqueeze(0)])  # (i+2, B, H)
+        return states[1:].mean(0)  # the average of the nodes s_1..s_steps
+
+    def node(self, states: Tensor, W: Tensor, op_weights: Tensor, totals: Tensor, h_mask: Tensor | None) -> Tensor:
+        """A node over states (J, B, H) with op_weights (J, K) and totals (J, 1, 1) = op_weights' row sums."""
+        masked = states if h_mask is None else states * h_mask
+        c, h = (masked @ W).split(self.nhid, dim=-1)  # (J, B, H) each: one matmul for all predecessors
+        acts = torch.stack([f(h) for f in self.activations], dim=1)  # (J, K, B, H)
+        mixed = torch.einsum("jk,jkbh->jbh", op_weights, acts)  # sum_k w_jk f_k(h_j): (J, B, H)
+        # sum_k w_jk (s_j + c_j (f_k(h_j) - s_j)) = lerp(W_j s_j, mixed_j, c_j) with W_j = sum_k w_jk.
+        return self.bn(torch.lerp(totals * states, mixed, c.sigmoid()).sum(0))  # (B, H)
+
+
+class RNNSupernet(nn.Module):
+    """The search model: tied embedding/decoder around one `SearchCell`, with the alphas as a registered parameter.
+
+    `forward(tokens (T, B), hidden (1, B, nhid))` returns `(logits (T, B, ntoken), new_hidden (1, B, nhid),
+    outputs (T, B, nhid), dropped_outputs (T, B, nhid))`: the cell outputs before and after the output dropout, for
+    activation regularisation. The op softmax is computed inside `forward` from `self.alphas`, so
+    `torch.func.functional_call` may substitute any parameter, alphas included.
+    """
+
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Embedding(config.ntoken, config.ninp)
+        self.cell = SearchCell(config)
+        self.decoder = nn.Linear(config.ninp, config.ntoken)
+        self.decoder.weight = self.encoder.weight  # tied: one matrix, listed once by named_parameters()
+        self.alphas = nn.Parameter(1e-3 * torch.randn(config.num_edges, len(config.primitives)))
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, tokens: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """tokens (T, B) int64, hidden (1, B, nhid) -> logits, new hidden, outputs and dropped outputs (see class)."""
+        config, training = self.config, self.training
+        if tokens.size(1) < 2:
+            raise ValueError("the search cell normalises with batch statistics, so a batch needs >= 2 sequences; "
+                             f"got tokens of shape {tuple(tokens.shape)}")
+        # Draw order (global RNG): word mask, embedding mask, cell input and hidden masks, output mask.
+        emb = embedding_dropout(self.encoder.weight, tokens, config.dropoute, training)  # (T, B, ninp)
+        emb = locked_dropout(emb, config.dropouti, training)
+        x_mask = self._mask((tokens.size(1), config.ninp), config.dropoutx, emb)  # (B, ninp)
+        h_mask = self._mask((tokens.size(1), config.nhid), config.dropouth, emb)  # (B, nhid)
+        probs = F.softmax(self.alphas, dim=-1)  # (num_edges, primitives)
+        outputs = self.cell(emb, hidden[0], probs, x_mask, h_mask)  # (T, B, nhid)
+        dropped = locked_dropout(outputs, config.dropout, training)
+        logits = self.decoder(dropped)  # (T, B, ntoken)
+        return logits, outputs[-1:], outputs, dropped
+
+    def _mask(self, shape: tuple[int, int], p: float, like: Tensor) -> Tensor | None:
+        """A per-sequence dropout mask for the cell in training, None otherwise (also for p = 0: no draw)."""
+        return dropout_mask(shape, p, like) if self.training and p > 0.0 else None
+
+    def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Zeros (1, B, nhid) in the model's dtype, on `device` (default: the model's)."""
+        weight = self.encoder.weight
+        return torch.zeros(1, batch_size, self.config.nhid, dtype=weight.dtype, device=device or weight.device)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters (the alphas), for the architecture optimizer."""
+        return [p for name, p in self.named_parameters() if name in ARCH_PARAMETER_NAMES]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (the tied embedding/decoder matrix once), for the weight optimizer."""
+        return [p for name, p in self.named_parameters() if name not in ARCH_PARAMETER_NAMES]
+
+    def alpha_softmax(self) -> Tensor:
+        """The op weights softmax(alphas) (num_edges, primitives), detached."""
+        return F.softmax(self.alphas.detach(), dim=-1)
+
+    def genotype(self) -> RNNGenotype:
+        """The discrete cell: per node the (predecessor, non-none op) of largest weight, as the original `_parse`.
+
+        Ties go to the earliest predecessor, then the earliest op, as in the original. Concat is every node.
+        """
+        probs = self.alpha_softmax()[:, list(self.cell.op_columns)]  # (num_edges, K)
+        primitives, columns = self.config.primitives, self.cell.op_columns
+        recurrent, start = [], 0
+        for i in range(self.config.steps):
+            block = probs[start: start + i + 1]  # (i+1, K): node i+1's predecessors 0..i
+            j, k = divmod(int(block.argmax()), len(columns))  # argmax returns the first maximum: row-major ties
+            recurrent.append((primitives[columns[k]], j))
+            start += i + 1
+        return RNNGenotype(recurrent=tuple(recurrent), concat=tuple(range(1, self.config.steps + 1)))
