@@ -1,0 +1,167 @@
+"""The search loop both spaces share: epochs, evaluation, per-epoch records, checkpoints, resume, divergence.
+
+A search space supplies a `SearchTask` (how to train one epoch, evaluate, and read the genotype); the experiment
+supplies a `Recorder` (where records go: Sacred). This module knows neither RNNs, CNNs nor Sacred.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from shared import checkpoint
+from shared.bilevel import Bilevel
+from shared.errors import UserFacingError
+from shared.genotypes import Genotype, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(Exception):
+    """Raised inside an epoch when a loss is NaN or infinite; the loop turns it into `SearchDiverged`."""
+
+
+class SearchDiverged(UserFacingError):
+    """The search met a non-finite loss; the model was restored to its last checkpoint."""
+
+
+class SearchTask(Protocol):
+    """What a search space hands the loop."""
+
+    model: nn.Module
+    engine: Bilevel
+
+    def train_epoch(self, epoch: int) -> dict[str, float]: ...  # raises NonFiniteLoss
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def genotype(self) -> Genotype: ...
+
+    def genotype_metrics(self, genotype: Genotype) -> dict[str, float]: ...  # e.g. the share of identity
+
+    def alpha_softmax(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # what the model and optimizers do not hold: schedulers, streams
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    metrics: dict[str, float]
+    genotype: Genotype
+    alphas: dict[str, list[list[float]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "metrics": self.metrics, "genotype": to_dict(self.genotype),
+                "alphas": self.alphas}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EpochRecord":
+        return cls(data["epoch"], data["metrics"], from_dict(data["genotype"]), data["alphas"])
+
+
+class Recorder(Protocol):
+    def epoch(self, record: EpochRecord, history: list[EpochRecord]) -> None: ...
+
+    def checkpoint(self, path: Path, epoch: int) -> None: ...
+
+
+@dataclass
+class Meter:
+    """Sums of per-step quantities kept on the device (no host sync per step); checked for NaN every few steps."""
+
+    check_every: int = 20
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    steps: int = 0
+
+    def add(self, **values: Tensor | float) -> None:
+        for name, value in values.items():
+            value = value.detach().double() if isinstance(value, Tensor) else torch.tensor(float(value))
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+        if self.steps % self.check_every == 0:
+            self.check()
+
+    def check(self) -> dict[str, float]:
+        """The sums as floats; raises NonFiniteLoss when one is NaN or infinite."""
+        values = {name: float(total) for name, total in self.sums.items()}
+        bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+        if bad:
+            raise NonFiniteLoss(f"non-finite {', '.join(bad)} by step {self.steps}")
+        return values
+
+
+def progress_bar(total: int, description: str) -> tqdm:
+    return tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True)
+
+
+def capture(task: SearchTask, epoch: int, history: list[EpochRecord], config: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to continue after `epoch`, as plain state dicts."""
+    return {
+        "epoch": epoch,
+        "model": task.model.state_dict(),
+        "weight_optimizer": task.engine.weight_optimizer.state_dict(),
+        "arch_optimizer": task.engine.arch_optimizer.state_dict(),
+        "task": task.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "history": [record.to_dict() for record in history],
+        "genotype": to_dict(task.genotype()),
+        "config": config,
+    }
+
+
+def restore(task: SearchTask, state: dict[str, Any]) -> list[EpochRecord]:
+    """Put the task back into a captured state; returns the epoch history it had."""
+    task.model.load_state_dict(state["model"])
+    task.engine.weight_optimizer.load_state_dict(state["weight_optimizer"])
+    task.engine.arch_optimizer.load_state_dict(state["arch_optimizer"])
+    task.load_state_dict(state["task"])
+    checkpoint.set_rng_state(state["rng"])
+    return [EpochRecord.from_dict(record) for record in state["history"]]
+
+
+def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
+           resume: dict[str, Any] | None = None,
+           on_epoch_end: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from."""
+    history = restore(task, resume) if resume is not None else []
+    for record in history:  # a resumed run carries the whole curve
+        recorder.epoch(record, history[:record.epoch])
+    if resume is None:  # epoch 0: what a divergence in the first epoch falls back to
+        checkpoint.save(checkpoint_path, capture(task, 0, history, config))
+    for epoch in range(len(history) + 1, epochs + 1):
+        started = time.perf_counter()
+        try:
+            metrics = {**task.train_epoch(epoch), **task.evaluate()}
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise NonFiniteLoss(f"non-finite metrics {metrics}")
+        except NonFiniteLoss as signal:
+            _recover(task, checkpoint_path, epoch, str(signal))
+        genotype = task.genotype()
+        metrics.update(task.genotype_metrics(genotype), epoch_time=time.perf_counter() - started)
+        alphas = {name: a.tolist() for name, a in task.alpha_softmax().items()}
+        history.append(EpochRecord(epoch, metrics, genotype, alphas))
+        checkpoint.save(checkpoint_path, capture(task, epoch, history, config))
+        recorder.epoch(history[-1], history)
+        recorder.checkpoint(checkpoint_path, epoch)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if on_epoch_end is not None:
+            on_epoch_end(history[-1])
+    return history
+
+
+def _recover(task: SearchTask, checkpoint_path: Path, epoch: int, reason: str) -> None:
+    state = checkpoint.load(checkpoint_path)
+    restore(task, state)
+    raise SearchDiverged(
+        f"epoch {epoch} stopped: {reason}; the model is restored to the checkpoint of epoch {state['epoch']} "
+        f"({checkpoint_path}). Lower the learning rate or the gradient clip and resume with resume={checkpoint_path}")
