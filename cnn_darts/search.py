@@ -1,0 +1,138 @@
+"""The convolutional-cell search task: CIFAR-10 halves, augmentation and losses handed to the shared loop and engine.
+
+The 50,000 training images are split in two (deterministic from the seed): one half trains the weights, the other
+drives the architecture and is what `evaluate` scores, as in the paper. Per step: an architecture step on the next
+architecture batch, then a weight step on the next weight batch; the weight learning rate follows a cosine schedule
+over the configured epochs (so xi does too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cnn_darts.data import ImageData, batches, split_search
+from cnn_darts.supernet import Supernet, SupernetConfig
+from shared.bilevel import Bilevel, BilevelConfig, LossFn
+from shared.errors import ConfigError
+from shared.genotypes import CNNGenotype
+from shared.search import Meter, progress_bar
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    order: str = "second"  # first | second | exact | plain (weight steps only)
+    epochs: int = 50  # the length of the cosine schedule
+    batch_size: int = 64
+    learning_rate: float = 0.025
+    learning_rate_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_learning_rate: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    train_portion: float = 0.5  # the share of the training images that trains the weights
+    train_images: int | None = None  # use only the first N training images (smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.order != "plain":
+            BilevelConfig(order=self.order)
+        for name in ("epochs", "batch_size", "learning_rate", "grad_clip", "arch_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.learning_rate_min <= self.learning_rate:
+            raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
+
+
+class CNNSearchTask:
+    """DARTS on the convolutional search space; implements `shared.search.SearchTask`."""
+
+    def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
+                 seed: int) -> None:
+        self.config, self.device = config, device
+        n = min(config.train_images or len(data.train_labels), len(data.train_labels))
+        weight_index, arch_index = split_search(n, seed, config.train_portion)
+        images, labels = data.train_images.to(device), data.train_labels.to(device)  # resident on the device
+        self.weight_data = images[weight_index.to(device)], labels[weight_index.to(device)]
+        self.arch_data = images[arch_index.to(device)], labels[arch_index.to(device)]
+        if min(len(weight_index), len(arch_index)) < config.batch_size:
+            raise ConfigError(f"batch_size={config.batch_size} exceeds a half of the {n} training images; "
+                              f"lower batch_size or raise train_images")
+        self.model = Supernet(model_config).to(device)
+        weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
+                                     momentum=config.momentum, weight_decay=config.weight_decay)
+        arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.5, 0.999),
+                                    weight_decay=config.arch_weight_decay)
+        order = "first" if config.order == "plain" else config.order
+        self.engine = Bilevel(self.model, weight_opt, arch_opt, BilevelConfig(order=order, grad_clip=config.grad_clip))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
+                                                                    eta_min=config.learning_rate_min)
+        self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+
+    @staticmethod
+    def loss(x: Tensor, y: Tensor, keep: dict[str, Tensor] | None = None) -> LossFn:
+        """Cross entropy of the batch; `keep` receives the loss and the number of correct predictions."""
+
+        def loss_fn(forward: Any) -> Tensor:
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y)
+            if keep is not None:
+                keep.update(loss=loss.detach(), correct=(logits.argmax(1) == y).sum())
+            return loss
+
+        return loss_fn
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        config = self.config
+        self.model.train()
+        weight_batches = batches(*self.weight_data, config.batch_size, self.generator)
+        arch_batches = batches(*self.arch_data, config.batch_size, self.generator)
+        steps = min(len(self.weight_data[1]), len(self.arch_data[1])) // config.batch_size
+        meter, bar = Meter(), progress_bar(steps, f"epoch {epoch}")
+        for (x, y), (xa, ya) in zip(weight_batches, arch_batches):
+            if config.order != "plain":
+                self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))
+            keep: dict[str, Tensor] = {}
+            self.engine.weight_step(self.loss(x, y, keep))
+            meter.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
+            if bar.n % 10 == 0:
+                sums = meter.check()
+                bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}",
+                                acc=f"{sums['correct'] / sums['images']:.3f}")
+            bar.update()
+        bar.close()
+        self.scheduler.step()
+        sums = meter.check()
+        return {"train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode."""
+        self.model.eval()
+        meter = Meter()
+        for x, y in batches(*self.arch_data, self.config.batch_size, self.generator, shuffle=False,
+                            drop_last=False, augment=False):
+            keep: dict[str, Tensor] = {}
+            self.loss(x, y, keep)(self.model)
+            meter.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
+        sums = meter.check()
+        return {"valid_loss": sums["loss"] / sums["images"], "valid_acc": sums["correct"] / sums["images"]}
+
+    def genotype(self) -> CNNGenotype:
+        return self.model.genotype()
+
+    def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
+        return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal))}
+
+    def alpha_softmax(self) -> dict[str, Tensor]:
+        return self.model.alpha_softmax()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
