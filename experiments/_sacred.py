@@ -85,3 +85,88 @@ def add_json_artifact(run: Any, name: str, data: Any) -> None:
         path = Path(folder) / name
         path.write_text(json.dumps(data, indent=2))
         run.add_artifact(str(path), name=name)
+
+
+def run_folder(run: Any) -> Path:
+    """Where this run keeps its checkpoint: its FileStorageObserver folder, else a fresh temporary folder."""
+    for observer in run.observers:
+        if isinstance(observer, FileStorageObserver) and observer.dir:
+            return Path(observer.dir)
+    return Path(tempfile.mkdtemp(prefix=f"darts-run-{run._id}-"))
+
+
+class SacredRecorder:
+    """Sends the shared search loop's per-epoch records to a Sacred run (implements shared.search.Recorder).
+
+    Metrics go through `log_scalar` under stable names with the epoch as step; the genotype goes to run info
+    (`genotype`, `genotype_history`) and to the artifacts `genotype.json` and `genotype_history.json`; the softmax of
+    the alphas of every epoch goes to `alphas.json`; the checkpoint is the run folder's `checkpoint.pt` (and an
+    artifact for observers that keep no folder, such as MongoDB).
+    """
+
+    def __init__(self, run: Any, folder: Path) -> None:
+        self.run, self.folder = run, folder
+
+    def epoch(self, record: Any, history: list[Any]) -> None:
+        from shared.genotypes import to_dict
+
+        for name, value in record.metrics.items():
+            self.run.log_scalar(name, value, record.epoch)
+        genotypes = [{"epoch": r.epoch, "genotype": to_dict(r.genotype)} for r in history]
+        self.run.info["genotype"] = to_dict(record.genotype)
+        self.run.info["genotype_history"] = genotypes
+        self.run.info["alphas"] = record.alphas
+        self.run.info["epochs_done"] = record.epoch
+        add_json_artifact(self.run, "genotype.json", to_dict(record.genotype))
+        add_json_artifact(self.run, "genotype_history.json", genotypes)
+        add_json_artifact(self.run, "alphas.json", [{"epoch": r.epoch, "alphas": r.alphas} for r in history])
+
+    def checkpoint(self, path: Path, epoch: int) -> None:
+        self.run.info["checkpoint"] = str(path)
+        if path.parent != self.folder or any(not isinstance(o, FileStorageObserver) for o in self.run.observers):
+            self.run.add_artifact(str(path), name="checkpoint.pt")
+
+
+# Keys that may differ between a run and the run that resumes it.
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads"})
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resumed run must continue the same search: every other config value must match the checkpoint's."""
+    from shared.errors import ConfigError
+
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    differ = sorted(k for k in keys if saved.get(k) != current.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ[:6])
+        raise ConfigError(f"resume: the config differs from the checkpoint's ({shown}); "
+                          f"pass the original run's named configs and values along with resume=")
+
+
+def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any]) -> list[Any]:
+    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop."""
+    import torch
+
+    from shared import checkpoint
+    from shared.search import search
+
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
+    if resume_state is not None:
+        check_resume_config(resume_state["config"], config)
+        run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
+    folder = run_folder(run)
+    task = build_task()
+    return search(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder), config,
+                  resume_state)
+
+
+def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:
+    """The run's result: the final genotype, the final and the best value of its headline metric."""
+    from shared.genotypes import to_dict
+
+    final = history[-1]
+    return {"genotype": to_dict(final.genotype), metric: final.metrics[metric],
+            f"best_{metric}": best(r.metrics[metric] for r in history)}

@@ -58,7 +58,7 @@ def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, en
 
 @pytest.fixture(autouse=True)
 def _small_thread_pool() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(int(os.environ.get("DARTS_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,91 @@
+"""DARTS convolutional-cell search on CIFAR-10, tracked by Sacred.
+
+    python -m experiments.cnn_search with smoke                   # about a minute on a CPU
+    python -m experiments.cnn_search with paper device=cuda       # the paper's search (second order, 50 epochs)
+    python -m experiments.cnn_search with smoke resume=runs/7     # continue run 7 from its last checkpoint
+    python -m experiments.cnn_search print_config                 # every option, commented
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from cnn_darts.data import load_cifar10
+from cnn_darts.search import CNNSearchTask, SearchConfig
+from cnn_darts.supernet import SupernetConfig
+from experiments._sacred import make_experiment, run_search, search_result, user_errors
+from shared.device import resolve_device
+
+ex = make_experiment("cnn_search")
+
+
+@ex.config
+def config() -> None:
+    data_dir = None  # CIFAR-10 python version (tarball, cifar-10-batches-py/ or its files); None: $DARTS_DATA_DIR, ./data/cifar10, hub
+    seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
+    epochs = 50
+    batch_size = 64  # weight and architecture batches
+    learning_rate = 0.025  # weight SGD, cosine-annealed to learning_rate_min over the epochs
+    learning_rate_min = 0.001
+    momentum = 0.9
+    weight_decay = 3e-4
+    grad_clip = 5.0  # max norm of the weight gradient (real and virtual steps)
+    arch_learning_rate = 3e-4  # Adam on the alphas, betas (0.5, 0.999)
+    arch_weight_decay = 1e-3
+    train_portion = 0.5  # share of the 50,000 training images that trains the weights; the rest, the architecture
+    train_images = None  # only the first N training images (None: all)
+    init_channels = 16  # C of the first cell
+    layers = 8  # cells; reductions at 1/3 and 2/3 of the depth
+    steps = 4  # intermediate nodes per cell
+    threads = 0  # torch CPU threads (0: torch's default)
+    resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
+
+
+@ex.named_config
+def paper() -> None:
+    # The paper's search (Liu et al. 2019, section 3.1 and appendix A.1.1).
+    order = "second"
+    epochs = 50
+    batch_size = 64
+    learning_rate = 0.025
+    learning_rate_min = 0.001
+    momentum = 0.9
+    weight_decay = 3e-4
+    grad_clip = 5.0
+    arch_learning_rate = 3e-4
+    arch_weight_decay = 1e-3
+    init_channels = 16
+    layers = 8
+
+
+@ex.named_config
+def smoke() -> None:
+    # About a minute on a 2-core CPU: a tiny supernet on 1,024 images.
+    order = "second"
+    epochs = 2
+    batch_size = 32
+    train_images = 1024
+    init_channels = 4
+    layers = 3
+    threads = 2
+
+
+@ex.main
+@user_errors
+def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, init_channels: int,
+         layers: int, steps: int) -> dict[str, Any]:
+    config = dict(_config)
+
+    def build_task() -> CNNSearchTask:
+        data = load_cifar10(data_dir)
+        model_config = SupernetConfig(C=init_channels, num_classes=len(data.classes), layers=layers, steps=steps,
+                                      multiplier=steps)
+        search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
+        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed)
+
+    return search_result(run_search(_run, config, build_task), "valid_acc", best=max)
+
+
+if __name__ == "__main__":
+    ex.run_commandline()
