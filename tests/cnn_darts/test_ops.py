@@ -1,7 +1,6 @@
 """The CNN op registry: every op builds, keeps or halves the resolution, and matches its textbook definition."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -12,16 +11,6 @@ from cnn_darts.ops import OPS, DilatedDepthwiseConv2d, FactorizedReduce, ReLUCon
 from shared.genotypes import CNN_PRIMITIVES
 
 C, B, H = 4, 2, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel region waits
-    for the second thread to be scheduled: one thread keeps these tests fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_registry_names_are_the_cnn_primitives() -> None:

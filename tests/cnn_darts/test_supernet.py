@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, published
 
 TINY = SupernetConfig(C=4, layers=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel region waits
-    for the second thread to be scheduled: one thread keeps these tests fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_net(config: SupernetConfig = TINY, seed: int = 0) -> Supernet:

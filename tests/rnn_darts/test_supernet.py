@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
 
 T, B, NTOKEN, SIZE = 7, 3, 50, 16
 OPS = [name for name in ACTIVATIONS.names() if name != NONE]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small tensors gain nothing from threads, and on a busy shared CPU an oversubscribed OpenMP pool makes each
-    parallel region wait for a descheduled thread (a 0.4 s forward took 30 s): keep these tests' time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(steps: int = 3, **overrides) -> RNNSupernet:
