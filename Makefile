@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install $(PIP_QUIET) -e ".[test]"
 
 search: install
-	$(PYTHON) -m experiments.paper_toy
+	$(PYTHON) -m experiments.rnn_search with smoke
 
 test: install
 	$(PYTHON) -m pytest -q

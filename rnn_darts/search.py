@@ -7,7 +7,7 @@ architecture step and the weight step. Hidden states carry across windows, detac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -86,9 +86,10 @@ class RNNSearchTask:
         self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval)
         self.model = RNNSupernet(model_config).to(device)
-        if config.decoder_bias == "unigram":
+        if config.decoder_bias == "unigram":  # frequencies of the whole weight stream: train_tokens caps steps only
+            weight_stream = split_streams(corpus, replace(config, train_tokens=None))[0]
             with torch.no_grad():
-                self.model.decoder.bias.copy_(log_unigram(train, model_config.ntoken))
+                self.model.decoder.bias.copy_(log_unigram(weight_stream, model_config.ntoken))
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
                                      weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),

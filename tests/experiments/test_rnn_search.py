@@ -1,0 +1,120 @@
+"""The PTB search as a user runs it: records, artifacts, resume, one-line errors, the printed config, real PTB."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from shared.genotypes import RNNGenotype, load
+from tests.conftest import real_data, run_experiment
+from tests.rnn_darts.test_search import write_corpus
+
+# The smoke config shrunk to a generated 30-word corpus: seconds per run.
+TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "max_seq_len_delta=3", "emsize=12", "nhid=12", "steps=3",
+        "train_tokens=None", "threads=1")
+
+
+def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        write_corpus(corpus)
+    return run_experiment("rnn_search", "with", "smoke", f"data_dir={corpus}", *TINY, *args,
+                          runs=runs or tmp_path / "runs")
+
+
+def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_path: Path) -> None:
+    result = tiny_search(tmp_path, "epochs=2")
+    assert result.returncode == 0, result.stderr
+    run, metrics, folder = result.run_json(), result.metrics(), result.run_dir()
+    assert run["status"] == "COMPLETED"
+    for name in ("train_ppl", "valid_ppl", "identity_share", "epoch_time"):
+        assert metrics[name]["steps"] == [1, 2], name
+        assert all(math.isfinite(v) for v in metrics[name]["values"]), name
+    info = json.loads((folder / "info.json").read_text())
+    genotype = load(folder / "genotype.json")
+    assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3
+    assert info["genotype"] == json.loads((folder / "genotype.json").read_text())
+    assert [g["epoch"] for g in info["genotype_history"]] == [1, 2]
+    alphas = json.loads((folder / "alphas.json").read_text())
+    rows = alphas[-1]["alphas"]["alphas"]
+    assert len(rows) == 6 and all(sum(row) == pytest.approx(1.0) for row in rows)  # 1 + 2 + 3 edges, softmax
+    assert set(run["artifacts"]) >= {"genotype.json", "genotype_history.json", "alphas.json", "tokenizer.json"}
+    assert (folder / "checkpoint.pt").is_file()
+    assert run["result"]["valid_ppl"] == metrics["valid_ppl"]["values"][-1]
+
+
+def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_the_old(tmp_path: Path) -> None:
+    whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
+    first = tiny_search(tmp_path, "epochs=1")
+    assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
+    old = first.run_dir(1) / "checkpoint.pt"
+    digest = hashlib.sha256(old.read_bytes()).hexdigest()
+    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.run_dir().name == "2"
+    assert resumed.metrics(2)["valid_ppl"]["values"] == whole.metrics()["valid_ppl"]["values"]
+    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == digest  # the earlier run's checkpoint is untouched
+
+
+def test_resume_with_another_config_is_one_clear_line(tmp_path: Path) -> None:
+    first = tiny_search(tmp_path, "epochs=1")
+    assert first.returncode == 0, first.stderr
+    result = tiny_search(tmp_path, "epochs=2", "learning_rate=7.0", f"resume={first.run_dir(1)}")
+    assert result.returncode != 0
+    assert "resume: the config differs from the checkpoint's (learning_rate: checkpoint 5.0, now 7.0)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_corpus_offline_is_one_line_naming_both_remedies(tmp_path: Path) -> None:
+    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'nowhere'}", runs=tmp_path / "runs")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "nowhere" in line]
+    assert len(message) == 1 and "DARTS_DATA_DIR" in message[0] and "hub" in message[0]
+    assert result.run_json()["status"] == "FAILED"
+
+
+def test_a_malformed_corpus_file_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "ptb.valid.txt").write_bytes(b"w1 w2\n\xff\xfe broken\n")
+    result = tiny_search(tmp_path, "epochs=1")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "ptb.valid.txt is not UTF-8 text" in result.stderr
+
+
+def test_a_bad_config_value_is_one_clear_line(tmp_path: Path) -> None:
+    result = tiny_search(tmp_path, "order=third")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "order must be one of first, second, exact, got 'third'" in result.stderr
+
+
+PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 35", "learning_rate = 20.0",
+                "weight_decay = 5e-07", "grad_clip = 0.25", "beta = 0.001", "arch_learning_rate = 0.003",
+                "arch_weight_decay = 0.001", "emsize = 300", "nhid = 300", "steps = 8", "dropout = 0.75",
+                "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.0", "arch_data = 'valid'")
+
+
+@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
+def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = run_experiment("rnn_search", "print_config", *args, runs=tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    for value in PAPER_VALUES:
+        assert value in result.stdout, value
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_smoke_search_on_real_ptb_ends_below_the_unigram_perplexity(tmp_path: Path) -> None:
+    ptb = real_data("ptb")
+    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={ptb}", runs=tmp_path / "runs", timeout=1200)
+    assert result.returncode == 0, result.stderr
+    valid = result.metrics()["valid_ppl"]["values"]
+    assert len(valid) == 3 and all(math.isfinite(v) for v in valid)
+    assert all(later < earlier for earlier, later in zip(valid, valid[1:])), valid
+    assert valid[-1] < 687, valid  # PTB valid's unigram perplexity from train counts
+    assert isinstance(load(result.run_dir() / "genotype.json"), RNNGenotype)
