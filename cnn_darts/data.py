@@ -126,6 +126,19 @@ def load_image_dataset(path_or_name: str | os.PathLike[str], image_column: str |
     return _from_datasets(dataset, f"disk:{path}", image_column, label_column)
 
 
+def synthetic_images(train: int, test: int, seed: int = 0, num_classes: int = 10) -> ImageData:
+    """Random uint8 32x32 RGB images with random labels: a dataset of CIFAR-10's shape for benchmarks and tests."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.randint(256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        return images, torch.randint(num_classes, (n,), generator=generator)
+
+    (train_images, train_labels), (test_images, test_labels) = split(train), split(test)
+    return ImageData(train_images, train_labels, test_images, test_labels,
+                     tuple(f"class{i}" for i in range(num_classes)), source=f"synthetic:{train}+{test}")
+
+
 def split_search(n: int, seed: int, fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint sorted indices covering range(n): floor(n * fraction) for the weights, the rest for the architecture."""
     n_weights = int(n * fraction)

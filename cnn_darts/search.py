@@ -19,7 +19,7 @@ from cnn_darts.supernet import Supernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
-from shared.search import Meter, progress_bar
+from shared.search import EpochProgress, Meter
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.learning_rate_min <= self.learning_rate:
             raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
+
+
+def _accuracy_postfix(sums: dict[str, float]) -> dict[str, str]:
+    return {"loss": f"{sums['loss'] / sums['images']:.3f}", "acc": f"{sums['correct'] / sums['images']:.3f}"}
 
 
 class CNNSearchTask:
@@ -85,27 +89,27 @@ class CNNSearchTask:
 
         return loss_fn
 
+    def train_step(self, x: Tensor, y: Tensor, xa: Tensor, ya: Tensor) -> dict[str, Tensor]:
+        """One search step: the architecture step on (xa, ya) (unless plain), the weight step on (x, y). Returns the
+        weight batch's loss and number of correct predictions, detached and on the device."""
+        if self.config.order != "plain":
+            self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))
+        keep: dict[str, Tensor] = {}
+        self.engine.weight_step(self.loss(x, y, keep))
+        return keep
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         config = self.config
         self.model.train()
         weight_batches = batches(*self.weight_data, config.batch_size, self.generator)
         arch_batches = batches(*self.arch_data, config.batch_size, self.generator)
         steps = min(len(self.weight_data[1]), len(self.arch_data[1])) // config.batch_size
-        meter, bar = Meter(), progress_bar(steps, f"epoch {epoch}")
+        progress = EpochProgress(steps, f"epoch {epoch}", _accuracy_postfix)
         for (x, y), (xa, ya) in zip(weight_batches, arch_batches):
-            if config.order != "plain":
-                self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))
-            keep: dict[str, Tensor] = {}
-            self.engine.weight_step(self.loss(x, y, keep))
-            meter.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
-            if bar.n % 10 == 0:
-                sums = meter.check()
-                bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}",
-                                acc=f"{sums['correct'] / sums['images']:.3f}")
-            bar.update()
-        bar.close()
+            keep = self.train_step(x, y, xa, ya)
+            progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
-        sums = meter.check()
+        sums = progress.close()
         return {"train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"]}
 
     @torch.no_grad()

@@ -127,15 +127,16 @@ class SacredRecorder:
             self.run.add_artifact(str(path), name="checkpoint.pt")
 
 
-# Keys that may differ between a run and the run that resumes it.
-RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads"})
+# Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit"})
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
+                        may_change: frozenset[str] = RESUMABLE_CHANGES) -> None:
     """A resumed run must continue the same search: every other config value must match the checkpoint's."""
     from shared.errors import ConfigError
 
-    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    keys = (set(saved) | set(current)) - may_change
     differ = sorted(k for k in keys if saved.get(k) != current.get(k))
     if differ:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ[:6])
@@ -143,24 +144,34 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
                           f"pass the original run's named configs and values along with resume=")
 
 
-def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any]) -> list[Any]:
-    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop."""
+def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
+               may_change: frozenset[str] = RESUMABLE_CHANGES) -> list[Any]:
+    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop,
+    the time limit (config `time_limit`, minutes: no new epoch starts after it; run info says where it stopped)."""
     import torch
 
     from shared import checkpoint
+    from shared.errors import ConfigError
     from shared.search import search
 
+    limit = config.get("time_limit")
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"time_limit must be a positive number of minutes or None, got {limit!r}")
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
     if resume_state is not None:
-        check_resume_config(resume_state["config"], config)
+        check_resume_config(resume_state["config"], config, may_change)
         run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
     folder = run_folder(run)
     task = build_task()
-    return search(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder), config,
-                  resume_state)
+    history = search(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder), config,
+                     resume_state, time_limit_s=None if limit is None else 60.0 * limit)
+    if history and history[-1].epoch < config["epochs"]:
+        run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
+                                     "resume": f"resume={folder}"}
+    return history
 
 
 def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import make_experiment, run_search, search_result, user_errors
+from experiments._sacred import RESUMABLE_CHANGES, make_experiment, run_search, search_result, user_errors
 from shared.device import resolve_device
 
 ex = make_experiment("cnn_search")
@@ -39,7 +39,8 @@ def config() -> None:
     layers = 8  # cells; reductions at 1/3 and 2/3 of the depth
     steps = 4  # intermediate nodes per cell
     threads = 0  # torch CPU threads (0: torch's default)
-    resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
+    resume = None  # a run folder or checkpoint.pt to continue from (same config, same epochs)
+    time_limit = None  # minutes: start no epoch after this (a batch job's limit); continue later with resume=
 
 
 @ex.named_config
@@ -61,11 +62,11 @@ def paper() -> None:
 
 @ex.named_config
 def smoke() -> None:
-    # About a minute on a 2-core CPU: a tiny supernet on 1,024 images.
+    # About a minute on a 2-core CPU: a tiny supernet, second order, 2 epochs of 8 steps on 512 images.
     order = "second"
     epochs = 2
     batch_size = 32
-    train_images = 1024
+    train_images = 512
     init_channels = 4
     layers = 3
     threads = 2
@@ -84,7 +85,9 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
         search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
         return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed)
 
-    return search_result(run_search(_run, config, build_task), "valid_acc", best=max)
+    # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
+    history = run_search(_run, config, build_task, may_change=RESUMABLE_CHANGES - {"epochs"})
+    return search_result(history, "valid_acc", best=max)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def config() -> None:
     dropoute = 0.0  # whole words
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
+    time_limit = None  # minutes: start no epoch after this (a batch job's limit); continue later with resume=
 
 
 @ex.named_config

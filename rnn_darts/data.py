@@ -86,6 +86,16 @@ def load_corpus(data_dir: str | Path | None = None) -> Corpus:
     return corpus
 
 
+def synthetic_corpus(ntoken: int, tokens: int, seed: int = 0) -> Corpus:
+    """Uniformly random ids over a vocabulary w0..w{ntoken-1} (w0 = <eos>): a corpus of the real shape for
+    benchmarks and tests; each split holds `tokens` ids."""
+    tokenizer = Tokenizer(models.WordLevel({EOS if i == 0 else f"w{i}": i for i in range(ntoken)}, unk_token=EOS))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    generator = torch.Generator().manual_seed(seed)
+    train, valid, test = (torch.randint(ntoken, (tokens,), generator=generator) for _ in range(3))
+    return Corpus(tokenizer, train, valid, test, source=f"synthetic:{ntoken}x{tokens}")
+
+
 def save_tokenizer(corpus: Corpus, path: str | Path) -> Path:
     """Write the corpus tokenizer as JSON (written to a temporary file, then renamed) and return its path."""
     path = Path(path)

@@ -19,7 +19,7 @@ from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
-from shared.search import Meter, progress_bar
+from shared.search import EpochProgress
 
 ARCH_DATA = ("valid", "train")
 
@@ -75,6 +75,11 @@ def log_unigram(tokens: Tensor, ntoken: int) -> Tensor:
     return (counts / counts.sum()).log().float()
 
 
+def _ppl_postfix(sums: dict[str, float]) -> dict[str, str]:
+    loss = sums["cross_entropy"] / sums["tokens"]
+    return {"loss": f"{loss:.3f}", "ppl": f"{math.exp(min(loss, 50)):.1f}"}
+
+
 class RNNSearchTask:
     """DARTS on the recurrent search space; implements `shared.search.SearchTask`."""
 
@@ -112,40 +117,41 @@ class RNNSearchTask:
 
         return loss_fn
 
-    # ---- an epoch ------------------------------------------------------------------------------------------------
+    # ---- a step and an epoch -----------------------------------------------------------------------------------
+    def train_step(self, x: Tensor, y: Tensor, hidden: Tensor, xa: Tensor, ya: Tensor, arch_hidden: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """One search step on the window x -> y (architecture window xa -> ya): the learning rate scaled by the
+        window length, the architecture step (unless plain), the weight step. Returns the new hidden states
+        (weights, architecture) and the window's cross entropy, all detached and on the device."""
+        config = self.config
+        for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
+            group["lr"] = config.learning_rate * x.size(0) / config.bptt
+        if config.order != "plain":
+            arch_keep: dict[str, Tensor] = {}
+            self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
+            arch_hidden = arch_keep["hidden"]
+        keep: dict[str, Tensor] = {}
+        self.engine.weight_step(self.loss(x, y, hidden, True, keep))
+        return keep["hidden"], arch_hidden, keep["cross_entropy"]
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         config, model = self.config, self.model
         model.train()
         hidden = model.init_hidden(config.batch_size)
         arch_hidden = model.init_hidden(config.batch_size)
         windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
-        meter, arch_pos = Meter(), 0
-        bar = progress_bar(len(windows), f"epoch {epoch}")
+        progress, arch_pos = EpochProgress(len(windows), f"epoch {epoch}", _ppl_postfix), 0
         for start, seq_len in windows:
             x, y = get_batch(self.train_data, start, seq_len)
             if arch_pos + 1 >= self.arch_data.size(0):  # the architecture stream wraps around: restart its state
                 arch_pos, arch_hidden = 0, model.init_hidden(config.batch_size)
             xa, ya = get_batch(self.arch_data, arch_pos, seq_len)
             arch_pos += xa.size(0)
-            for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
-                group["lr"] = config.learning_rate * x.size(0) / config.bptt
-            if config.order != "plain":
-                arch_keep: dict[str, Tensor] = {}
-                self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
-                arch_hidden = arch_keep["hidden"]
-            keep: dict[str, Tensor] = {}
-            self.engine.weight_step(self.loss(x, y, hidden, True, keep))
-            hidden = keep["hidden"]
-            meter.add(cross_entropy=keep["cross_entropy"] * x.size(0), tokens=x.size(0))
-            if bar.n % 10 == 0:
-                sums = meter.check()
-                bar.set_postfix(loss=f"{sums['cross_entropy'] / sums['tokens']:.3f}",
-                                ppl=f"{math.exp(min(sums['cross_entropy'] / sums['tokens'], 50)):.1f}")
-            bar.update()
-        bar.close()
+            hidden, arch_hidden, cross_entropy = self.train_step(x, y, hidden, xa, ya, arch_hidden)
+            progress.add(cross_entropy=cross_entropy * x.size(0), tokens=x.size(0))
         for group in self.engine.weight_optimizer.param_groups:
             group["lr"] = config.learning_rate
-        sums = meter.check()
+        sums = progress.close()
         loss = sums["cross_entropy"] / sums["tokens"]
         return {"train_loss": loss, "train_ppl": math.exp(min(loss, 700))}
 

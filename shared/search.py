@@ -104,6 +104,26 @@ def progress_bar(total: int, description: str) -> tqdm:
     return tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True)
 
 
+class EpochProgress:
+    """A `Meter` and a progress bar for one epoch: `add` per step; every `show_every` steps the sums are checked
+    (one host sync) and `postfix(sums)` goes on the bar; `close` returns the checked sums."""
+
+    def __init__(self, total: int, description: str, postfix: Callable[[dict[str, float]], dict[str, str]],
+                 show_every: int = 10) -> None:
+        self.meter, self.bar = Meter(), progress_bar(total, description)
+        self.postfix, self.show_every = postfix, show_every
+
+    def add(self, **values: Tensor | float) -> None:
+        self.meter.add(**values)
+        if self.bar.n % self.show_every == 0:
+            self.bar.set_postfix(self.postfix(self.meter.check()))
+        self.bar.update()
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        return self.meter.check()
+
+
 def capture(task: SearchTask, epoch: int, history: list[EpochRecord], config: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to continue after `epoch`, as plain state dicts."""
     return {
@@ -131,14 +151,24 @@ def restore(task: SearchTask, state: dict[str, Any]) -> list[EpochRecord]:
 
 def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
            resume: dict[str, Any] | None = None,
-           on_epoch_end: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from."""
+           on_epoch_end: Callable[[EpochRecord], None] | None = None,
+           time_limit_s: float | None = None) -> list[EpochRecord]:
+    """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from.
+
+    With `time_limit_s`, no new epoch (after the first of this call) starts once that many seconds have passed (a batch job's wall-clock limit): the
+    history returned is shorter than `epochs`, and the checkpoint continues the search with `resume`.
+    """
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     history = restore(task, resume) if resume is not None else []
     for record in history:  # a resumed run carries the whole curve
         recorder.epoch(record, history[:record.epoch])
     if resume is None:  # epoch 0: what a divergence in the first epoch falls back to
         checkpoint.save(checkpoint_path, capture(task, 0, history, config))
-    for epoch in range(len(history) + 1, epochs + 1):
+    first = len(history) + 1
+    for epoch in range(first, epochs + 1):
+        if deadline is not None and epoch > first and time.monotonic() >= deadline:  # every run does one epoch
+            log.info("time limit reached after epoch %d of %d; resume from %s", epoch - 1, epochs, checkpoint_path)
+            break
         started = time.perf_counter()
         try:
             metrics = {**task.train_epoch(epoch), **task.evaluate()}

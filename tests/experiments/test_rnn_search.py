@@ -48,8 +48,10 @@ def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_p
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_the_old(tmp_path: Path) -> None:
     whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
-    first = tiny_search(tmp_path, "epochs=1")
+    first = tiny_search(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
     assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
+    stopped = json.loads((first.run_dir(1) / "info.json").read_text())["stopped_early"]
+    assert stopped == {"after_epoch": 1, "of": 2, "resume": f"resume={first.run_dir(1)}"}
     old = first.run_dir(1) / "checkpoint.pt"
     digest = hashlib.sha256(old.read_bytes()).hexdigest()
     resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
@@ -58,6 +60,14 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_t
     assert resumed.metrics(2)["valid_ppl"]["values"] == whole.metrics()["valid_ppl"]["values"]
     assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
     assert hashlib.sha256(old.read_bytes()).hexdigest() == digest  # the earlier run's checkpoint is untouched
+
+
+def test_resume_may_extend_the_search(tmp_path: Path) -> None:
+    first = tiny_search(tmp_path, "epochs=1")
+    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    assert resumed.returncode == 0, first.stderr + resumed.stderr
+    assert resumed.metrics(2)["valid_ppl"]["steps"] == [1, 2]
+    assert resumed.metrics(2)["valid_ppl"]["values"][0] == first.metrics(1)["valid_ppl"]["values"][0]
 
 
 def test_resume_with_another_config_is_one_clear_line(tmp_path: Path) -> None:

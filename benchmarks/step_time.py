@@ -1,0 +1,211 @@
+"""Seconds per search step, per mode, on synthetic inputs of the real shapes; the figures of README and issue 6.
+
+    python -m benchmarks.step_time --task rnn                      # CPU, 2 threads, batch 16, 300/300, 10k words
+    python -m benchmarks.step_time --task cnn --json out.json      # C 16, 8 cells, batch 16
+    python -m benchmarks.step_time --task cnn --device cuda --batch 64
+
+A step is what the search's `train_step` does: the architecture step of the mode (none for plain) followed by the
+weight step. Each mode runs in its own process, so its peak memory (CPU: peak RSS of the process; CUDA: peak
+allocated) is its own. The table gives the median after warm-up, each mode's ratio to plain and, on CPU at the
+default config, the ratio to the original DARTS code measured on the same kind of machine
+(../shared/reference/original-darts.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MODES = ("plain", "first", "second", "exact")
+# The original code, minimally ported to torch 2.13, CPU, 2 threads, batch 16: (low, high) seconds per step.
+ORIGINAL_CPU = {
+    "rnn": {"plain": (0.81, 0.81), "first": (1.50, 1.66), "second": (3.58, 3.79)},
+    "cnn": {"plain": (3.52, 3.60), "first": (6.86, 7.11), "second": (16.3, 17.1)},
+}
+DEFAULTS = {"rnn": dict(batch=16, bptt=35, ntoken=10_000, nhid=300, steps=8),
+            "cnn": dict(batch=16, C=16, layers=8, steps=4)}
+# Issue 6: each mode's time over plain's, and the second-order peak memory over plain's.
+TARGET_RATIOS = {"first": 1.7, "second": 4.0, "exact": 4.5}
+TARGET_MEMORY_RATIO = 1.2
+TARGET_VS_ORIGINAL = 0.7
+
+
+# ---- one mode, in a child process --------------------------------------------------------------------------------
+def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Callable[[], None]:
+    from rnn_darts.data import synthetic_corpus
+    from rnn_darts.search import RNNSearchTask, SearchConfig
+    from rnn_darts.supernet import SupernetConfig
+
+    corpus = synthetic_corpus(args.ntoken, tokens=4 * args.batch * (args.bptt + 1), seed=0)
+    model = SupernetConfig(ntoken=args.ntoken, ninp=args.nhid, nhid=args.nhid, nhidlast=args.nhid, steps=args.steps)
+    task = RNNSearchTask(corpus, model, SearchConfig(order=mode, batch_size=args.batch), device, seed=0)
+    task.model.train()
+    x, y, xa, ya = (torch.randint(args.ntoken, (args.bptt, args.batch), device=device) for _ in range(4))
+    state = {"hidden": task.model.init_hidden(args.batch), "arch_hidden": task.model.init_hidden(args.batch)}
+
+    def step() -> None:
+        state["hidden"], state["arch_hidden"], _ = task.train_step(x, y, state["hidden"], xa, ya,
+                                                                   state["arch_hidden"])
+
+    return step
+
+
+def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Callable[[], None]:
+    from cnn_darts.data import synthetic_images
+    from cnn_darts.search import CNNSearchTask, SearchConfig
+    from cnn_darts.supernet import SupernetConfig
+
+    data = synthetic_images(train=4 * args.batch, test=args.batch, seed=0)
+    model = SupernetConfig(C=args.C, layers=args.layers, steps=args.steps, multiplier=args.steps)
+    task = CNNSearchTask(data, model, SearchConfig(order=mode, batch_size=args.batch), device, seed=0)
+    task.model.train()
+    generator = torch.Generator().manual_seed(0)
+    x, xa = (torch.randn(args.batch, 3, 32, 32, generator=generator).to(device) for _ in range(2))
+    y, ya = (torch.randint(10, (args.batch,), generator=generator).to(device) for _ in range(2))
+    return lambda: task.train_step(x, y, xa, ya)
+
+
+def time_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Median seconds per step of `mode` after warm-up, and this process's peak memory."""
+    from shared.device import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    step = (rnn_step if args.task == "rnn" else cnn_step)(args, mode, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps_timed):
+        started = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - started)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "peak_memory_mb": peak_mb,
+            "steps": len(times)}
+
+
+# ---- the parent: every mode, the table, the JSON -----------------------------------------------------------------
+def run_child(argv: list[str], mode: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_time", *argv, "--child", mode],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"step_time: mode {mode} failed:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def is_default_cpu(args: argparse.Namespace) -> bool:
+    return (args.device in ("cpu", "auto") and not torch.cuda.is_available() and args.threads == 2
+            and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items()))
+
+
+def summarise(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    plain = modes.get("plain")
+    original = ORIGINAL_CPU[args.task] if is_default_cpu(args) else {}
+    checks: dict[str, dict[str, Any]] = {}
+    for mode, figures in modes.items():
+        if plain is not None:
+            figures["x_plain"] = figures["median_s"] / plain["median_s"]
+            figures["memory_x_plain"] = figures["peak_memory_mb"] / plain["peak_memory_mb"]
+            if mode in TARGET_RATIOS:
+                checks[f"{mode} <= {TARGET_RATIOS[mode]} x plain"] = {
+                    "value": figures["x_plain"], "ok": figures["x_plain"] <= TARGET_RATIOS[mode]}
+        if mode in original:
+            figures["x_original"] = figures["median_s"] / original[mode][0]  # against the original's fastest
+            checks[f"{mode} <= {TARGET_VS_ORIGINAL} x original"] = {
+                "value": figures["x_original"], "ok": figures["x_original"] <= TARGET_VS_ORIGINAL}
+    if plain is not None and "second" in modes:
+        ratio = modes["second"]["memory_x_plain"]
+        checks[f"second peak memory <= {TARGET_MEMORY_RATIO} x plain"] = {"value": ratio,
+                                                                          "ok": ratio <= TARGET_MEMORY_RATIO}
+    return checks
+
+
+def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    unit = "GPU MiB (peak allocated)" if result["device"].startswith("cuda") else "MiB (peak RSS)"
+    print(f"{args.task} step time, {result['device']}, torch {result['torch']}, "
+          f"{', '.join(f'{k} {v}' for k, v in result['config'].items())}")
+    print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'x original':>12}{unit:>26}")
+    for mode, f in result["modes"].items():
+        spread = f"{f['min_s']:.3f}-{f['max_s']:.3f}"
+        ratio = f"{f['x_plain']:.2f}" if "x_plain" in f else "-"
+        orig = f"{f['x_original']:.2f}" if "x_original" in f else "-"
+        print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{orig:>12}{f['peak_memory_mb']:>26.0f}")
+    for name, check in result["checks"].items():
+        print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=("rnn", "cnn"), required=True)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--bptt", type=int, help="rnn: window length (default 35)")
+    parser.add_argument("--ntoken", type=int, help="rnn: vocabulary (default 10000)")
+    parser.add_argument("--nhid", type=int, help="rnn: embedding = cell size (default 300)")
+    parser.add_argument("--C", type=int, help="cnn: initial channels (default 16)")
+    parser.add_argument("--layers", type=int, help="cnn: cells (default 8)")
+    parser.add_argument("--steps", type=int, help="intermediate nodes per cell (rnn 8, cnn 4)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps-timed", type=int, default=10, dest="steps_timed")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    bad = [m for m in args.modes.split(",") if m not in MODES]
+    if bad:
+        parser.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(time_mode(args, args.child)))
+        return None
+    modes = {mode: run_child(argv, mode) for mode in args.modes.split(",")}
+    config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
+    config.update(threads=args.threads, warmup=args.warmup, steps_timed=args.steps_timed)
+    result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,
+              "config": config, "date": datetime.date.today().isoformat()}
+    result["checks"] = summarise(args, modes)
+    print_table(args, result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

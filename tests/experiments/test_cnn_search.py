@@ -1,0 +1,103 @@
+"""The CIFAR-10 search as a user runs it: records, artifacts, resume, one-line errors, the printed config, real data."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from shared.genotypes import CNNGenotype, load
+from tests.cnn_darts.test_data import _fake_objects, _pickled, _write
+from tests.conftest import real_data, run_experiment
+
+# The smoke config shrunk to 60 generated images in the official folder layout: seconds per run.
+TINY = ("train_images=None", "batch_size=8", "init_channels=4", "layers=3", "steps=2", "threads=1")
+
+
+def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
+    data = tmp_path / "cifar10"
+    if not data.exists():
+        _write(data, "folder", _pickled(_fake_objects()))
+    return run_experiment("cnn_search", "with", "smoke", f"data_dir={data}", *TINY, *args,
+                          runs=runs or tmp_path / "runs")
+
+
+def test_a_search_records_curves_genotypes_alphas_and_checkpoint(tmp_path: Path) -> None:
+    result = tiny_search(tmp_path, "epochs=2")
+    assert result.returncode == 0, result.stderr
+    run, metrics, folder = result.run_json(), result.metrics(), result.run_dir()
+    assert run["status"] == "COMPLETED"
+    for name in ("train_loss", "train_acc", "valid_loss", "valid_acc", "skip_connect_normal", "epoch_time"):
+        assert metrics[name]["steps"] == [1, 2], name
+        assert all(math.isfinite(v) for v in metrics[name]["values"]), name
+    assert all(0 <= v <= 1 for v in metrics["valid_acc"]["values"])
+    genotype = load(folder / "genotype.json")
+    assert isinstance(genotype, CNNGenotype) and len(genotype.normal) == len(genotype.reduce) == 4  # 2 nodes x 2
+    info = json.loads((folder / "info.json").read_text())
+    assert [g["epoch"] for g in info["genotype_history"]] == [1, 2]
+    alphas = json.loads((folder / "alphas.json").read_text())[-1]["alphas"]
+    assert set(alphas) == {"alphas_normal", "alphas_reduce"}
+    assert all(len(rows) == 5 and sum(rows[0]) == pytest.approx(1.0) for rows in alphas.values())  # 2 + 3 edges
+    assert (folder / "checkpoint.pt").is_file()
+    assert run["result"]["valid_acc"] == metrics["valid_acc"]["values"][-1]
+
+
+def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: Path) -> None:
+    whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
+    first = tiny_search(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
+    assert first.metrics(1)["valid_acc"]["steps"] == [1]
+    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    assert resumed.returncode == 0, whole.stderr + first.stderr + resumed.stderr
+    for name in ("train_loss", "valid_loss", "valid_acc"):
+        assert resumed.metrics(2)[name]["values"] == whole.metrics()[name]["values"], name
+    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+
+
+def test_resume_may_not_change_the_length_of_the_cosine_schedule(tmp_path: Path) -> None:
+    first = tiny_search(tmp_path, "epochs=1")
+    result = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "resume: the config differs from the checkpoint's (epochs: checkpoint 1, now 2)" in result.stderr
+
+
+def test_missing_data_offline_is_one_line_naming_both_remedies(tmp_path: Path) -> None:
+    result = run_experiment("cnn_search", "with", "smoke", f"data_dir={tmp_path / 'nowhere'}", runs=tmp_path / "runs")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "nowhere" in line]
+    assert len(message) == 1 and "hub" in message[0], result.stderr
+    assert result.run_json()["status"] == "FAILED"
+
+
+def test_a_corrupt_batch_file_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    folder = _write(tmp_path / "cifar10", "folder", _pickled(_fake_objects()))
+    (folder / "data_batch_3").write_bytes(b"not a pickle at all")
+    result = tiny_search(tmp_path, "epochs=1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "data_batch_3" in result.stderr
+
+
+PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 64", "learning_rate = 0.025",
+                "learning_rate_min = 0.001", "momentum = 0.9", "weight_decay = 0.0003", "grad_clip = 5.0",
+                "arch_learning_rate = 0.0003", "arch_weight_decay = 0.001", "train_portion = 0.5",
+                "init_channels = 16", "layers = 8", "steps = 4")
+
+
+@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
+def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = run_experiment("cnn_search", "print_config", *args, runs=tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    for value in PAPER_VALUES:
+        assert value in result.stdout, value
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_smoke_search_on_real_cifar10_completes(tmp_path: Path) -> None:
+    cifar = real_data("cifar10")
+    result = run_experiment("cnn_search", "with", "smoke", f"data_dir={cifar}", runs=tmp_path / "runs", timeout=1200)
+    assert result.returncode == 0, result.stderr
+    metrics = result.metrics()
+    assert metrics["valid_acc"]["steps"] == [1, 2]
+    assert all(math.isfinite(v) for v in metrics["valid_loss"]["values"])
+    assert isinstance(load(result.run_dir() / "genotype.json"), CNNGenotype)
