@@ -5,9 +5,11 @@
     python -m benchmarks.step_time --task cnn --device cuda --batch 64
 
 A step is what the search's `train_step` does: the architecture step of the mode (none for plain) followed by the
-weight step. Each mode runs in its own process, so its peak memory (CPU: peak RSS of the process; CUDA: peak
-allocated) is its own. The table gives the median after warm-up, each mode's ratio to plain and, on CPU at the
-default config, the ratio to the original DARTS code measured on the same kind of machine
+weight step. Times are taken round-robin over the modes in one process (a drifting machine slows all alike); peak
+memory (CPU: peak RSS; CUDA: peak allocated) comes from one process per mode, so each mode's peak is its own; the
+working memory is that peak less the process's peak before the first step (Python, torch, model, data). The table
+gives the median after warm-up, each mode's ratio to plain (of medians, and the median of per-round ratios) and, on
+CPU at the default config, the ratio to the original DARTS code measured on the same kind of machine
 (../shared/reference/original-darts.md).
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ TARGET_MEMORY_RATIO = 1.2
 TARGET_VS_ORIGINAL = 0.7
 
 
-# ---- one mode, in a child process --------------------------------------------------------------------------------
+# ---- one mode's step ---------------------------------------------------------------------------------------------
 def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Callable[[], None]:
     from rnn_darts.data import synthetic_corpus
     from rnn_darts.search import RNNSearchTask, SearchConfig
@@ -75,37 +77,61 @@ def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Calla
     return lambda: task.train_step(x, y, xa, ya)
 
 
-def time_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """Median seconds per step of `mode` after warm-up, and this process's peak memory."""
+def build_step(args: argparse.Namespace, mode: str) -> tuple[Callable[[], None], torch.device]:
     from shared.device import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    step = (rnn_step if args.task == "rnn" else cnn_step)(args, mode, device)
+    return (rnn_step if args.task == "rnn" else cnn_step)(args, mode, device), device
+
+
+def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """This process's peak memory over warm-up and two steps of `mode` (run in a child: the peak is its own), and
+    the part of it the steps added."""
+    step, device = build_step(args, mode)
+
+    def peak() -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    before = peak()
+    for _ in range(args.warmup + 2):
+        step()
+    return {"peak_memory_mb": peak(), "working_memory_mb": peak() - before}
+
+
+def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, Any]]:
+    """Seconds per step of every mode, timed round-robin (each round in a rotated order) so that a machine whose
+    speed drifts slows every mode alike; `x_plain_paired` is the median over rounds of the ratio to that round's
+    plain step."""
+    steps = {mode: build_step(args, mode) for mode in modes}
+    device = next(iter(steps.values()))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps_timed):
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "peak_memory_mb": peak_mb,
-            "steps": len(times)}
+    for step, _ in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(args.steps_timed):
+        for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
+            step = steps[mode][0]
+            sync()
+            started = time.perf_counter()
+            step()
+            sync()
+            times[mode].append(time.perf_counter() - started)
+    result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t)}
+              for mode, t in times.items()}
+    if "plain" in times:
+        for mode, t in times.items():
+            result[mode]["x_plain_paired"] = statistics.median(a / b for a, b in zip(t, times["plain"]))
+    return result
 
 
 # ---- the parent: every mode, the table, the JSON -----------------------------------------------------------------
-def run_child(argv: list[str], mode: str) -> dict[str, Any]:
+def child_memory(argv: list[str], mode: str) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.step_time", *argv, "--child", mode],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -114,7 +140,9 @@ def run_child(argv: list[str], mode: str) -> dict[str, Any]:
 
 
 def is_default_cpu(args: argparse.Namespace) -> bool:
-    return (args.device in ("cpu", "auto") and not torch.cuda.is_available() and args.threads == 2
+    from shared.device import resolve_device
+
+    return (resolve_device(args.device).type == "cpu" and args.threads == 2
             and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items()))
 
 
@@ -126,6 +154,7 @@ def summarise(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dic
         if plain is not None:
             figures["x_plain"] = figures["median_s"] / plain["median_s"]
             figures["memory_x_plain"] = figures["peak_memory_mb"] / plain["peak_memory_mb"]
+            figures["working_memory_x_plain"] = figures["working_memory_mb"] / max(plain["working_memory_mb"], 1.0)
             if mode in TARGET_RATIOS:
                 checks[f"{mode} <= {TARGET_RATIOS[mode]} x plain"] = {
                     "value": figures["x_plain"], "ok": figures["x_plain"] <= TARGET_RATIOS[mode]}
@@ -144,19 +173,25 @@ def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
     unit = "GPU MiB (peak allocated)" if result["device"].startswith("cuda") else "MiB (peak RSS)"
     print(f"{args.task} step time, {result['device']}, torch {result['torch']}, "
           f"{', '.join(f'{k} {v}' for k, v in result['config'].items())}")
-    print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'x original':>12}{unit:>26}")
+    print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'paired':>8}{'x original':>12}"
+          f"{unit:>26}{'working':>9}")
     for mode, f in result["modes"].items():
         spread = f"{f['min_s']:.3f}-{f['max_s']:.3f}"
         ratio = f"{f['x_plain']:.2f}" if "x_plain" in f else "-"
+        paired = f"{f['x_plain_paired']:.2f}" if "x_plain_paired" in f else "-"
         orig = f"{f['x_original']:.2f}" if "x_original" in f else "-"
-        print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{orig:>12}{f['peak_memory_mb']:>26.0f}")
+        print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{paired:>8}{orig:>12}"
+              f"{f['peak_memory_mb']:>26.0f}{f['working_memory_mb']:>9.0f}")
     for name, check in result["checks"].items():
         print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
 
 
 def device_name(device: str) -> str:
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return f"cuda: {torch.cuda.get_device_name()}"
+    from shared.device import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(resolved)}"
     return f"cpu: {platform.processor() or platform.machine()}"
 
 
@@ -184,6 +219,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    if args.batch < 2 or args.threads < 1 or args.steps_timed < 1 or args.warmup < 0:
+        parser.error("--batch must be >= 2, --threads and --steps-timed >= 1, --warmup >= 0")
+    from shared.device import resolve_device
+    from shared.errors import UserFacingError
+
+    try:
+        resolve_device(args.device)
+    except UserFacingError as error:
+        parser.error(str(error))
     return args
 
 
@@ -191,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(time_mode(args, args.child)))
+        print(json.dumps(peak_memory(args, args.child)))
         return None
-    modes = {mode: run_child(argv, mode) for mode in args.modes.split(",")}
+    names = args.modes.split(",")
+    memory = {mode: child_memory(argv, mode) for mode in names}
+    modes = {mode: {**figures, **memory[mode]} for mode, figures in interleaved_times(args, names).items()}
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
     config.update(threads=args.threads, warmup=args.warmup, steps_timed=args.steps_timed)
     result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,

@@ -124,14 +124,16 @@ class SepConv(ReLUFirst):
 class _FactorizedReduceBody(nn.Module):
     def __init__(self, C_in: int, C_out: int, affine: bool) -> None:
         super().__init__()
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        # A 1x1 conv of stride 2 is a 1x1 conv of the even pixels: written so, because torch 2.13's CPU backward
+        # of a strided 1x1 conv on channels-last input corrupts the heap for small channel counts (C 2 aborts).
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The second 1x1 conv samples the odd pixels, so together the two halves see every pixel.
+        # The first conv sees the even pixels, the second the odd ones, so together the two halves see every pixel.
         # (B, C_in, H, W) -> 2 x (B, C_out/2, H/2, W/2) -> (B, C_out, H/2, W/2); H and W must be even.
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+        return self.bn(torch.cat([self.conv_1(x[:, :, ::2, ::2]), self.conv_2(x[:, :, 1::2, 1::2])], dim=1))
 
 
 class FactorizedReduce(ReLUFirst):

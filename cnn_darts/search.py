@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cnn_darts.data import ImageData, batches, split_search
 from cnn_darts.supernet import Supernet, SupernetConfig
-from shared.bilevel import Bilevel, BilevelConfig, LossFn
+from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.search import EpochProgress, Meter
@@ -38,8 +38,7 @@ class SearchConfig:
     train_images: int | None = None  # use only the first N training images (smoke runs)
 
     def __post_init__(self) -> None:
-        if self.order != "plain":
-            BilevelConfig(order=self.order)
+        check_order(self.order)
         for name in ("epochs", "batch_size", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

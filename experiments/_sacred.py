@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 import warnings
@@ -146,28 +148,37 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
 
 def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
                may_change: frozenset[str] = RESUMABLE_CHANGES) -> list[Any]:
-    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop,
-    the time limit (config `time_limit`, minutes: no new epoch starts after it; run info says where it stopped)."""
+    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop, and
+    the time limit (config `time_limit`, minutes from now: no epoch starts that would end after it, judged by the
+    longest epoch so far; run info `stopped_early` says where it stopped)."""
     import torch
 
     from shared import checkpoint
     from shared.errors import ConfigError
     from shared.search import search
 
+    started = time.monotonic()  # the time limit counts data loading too
     limit = config.get("time_limit")
-    if limit is not None and not limit > 0:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+                              or not math.isfinite(limit)):
         raise ConfigError(f"time_limit must be a positive number of minutes or None, got {limit!r}")
+    if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], int) or config["epochs"] < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {config['epochs']!r}")
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
     if resume_state is not None:
         check_resume_config(resume_state["config"], config, may_change)
+        if resume_state["epoch"] >= config["epochs"]:
+            more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
+            raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
+                              f"{config['epochs']}: nothing is left to run{more}")
         run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
     folder = run_folder(run)
     task = build_task()
     history = search(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder), config,
-                     resume_state, time_limit_s=None if limit is None else 60.0 * limit)
+                     resume_state, deadline=None if limit is None else started + 60.0 * limit)
     if history and history[-1].epoch < config["epochs"]:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}

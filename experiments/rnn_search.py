@@ -1,6 +1,6 @@
 """DARTS recurrent-cell search on Penn Treebank, tracked by Sacred.
 
-    python -m experiments.rnn_search with smoke                   # a minute on a CPU
+    python -m experiments.rnn_search with smoke                   # two minutes on a CPU
     python -m experiments.rnn_search with paper device=cuda       # the paper's search (second order, 50 epochs)
     python -m experiments.rnn_search with smoke resume=runs/7     # continue run 7 from its last checkpoint
     python -m experiments.rnn_search print_config                 # every option, commented

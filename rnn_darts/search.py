@@ -7,7 +7,7 @@ architecture step and the weight step. Hidden states carry across windows, detac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
 from rnn_darts.loss import language_model_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
-from shared.bilevel import Bilevel, BilevelConfig, LossFn
+from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.search import EpochProgress
@@ -44,8 +44,7 @@ class SearchConfig:
     decoder_bias: str = "zero"  # zero (the paper) | unigram: start from the log word frequencies of the train split
 
     def __post_init__(self) -> None:
-        if self.order != "plain":
-            BilevelConfig(order=self.order)
+        check_order(self.order)
         if self.arch_data not in ARCH_DATA:
             raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
         if not 0 < self.arch_fraction < 1:
@@ -91,10 +90,12 @@ class RNNSearchTask:
         self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval)
         self.model = RNNSupernet(model_config).to(device)
-        if config.decoder_bias == "unigram":  # frequencies of the whole weight stream: train_tokens caps steps only
-            weight_stream = split_streams(corpus, replace(config, train_tokens=None))[0]
+        if config.decoder_bias == "unigram":
+            # With arch_data=valid, all of train (train_tokens caps the steps, not what the bias may know); with
+            # arch_data=train, only the weight stream, so no architecture token leaks into the weights.
+            source = corpus.train if config.arch_data == "valid" else train
             with torch.no_grad():
-                self.model.decoder.bias.copy_(log_unigram(weight_stream, model_config.ntoken))
+                self.model.decoder.bias.copy_(log_unigram(source, model_config.ntoken))
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
                                      weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
@@ -122,7 +123,8 @@ class RNNSearchTask:
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """One search step on the window x -> y (architecture window xa -> ya): the learning rate scaled by the
         window length, the architecture step (unless plain), the weight step. Returns the new hidden states
-        (weights, architecture) and the window's cross entropy, all detached and on the device."""
+        (weights, architecture) and the window's cross entropy, all detached and on the device. The learning rate
+        stays scaled for this window; `train_epoch` puts it back at the end of the epoch."""
         config = self.config
         for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
             group["lr"] = config.learning_rate * x.size(0) / config.bptt

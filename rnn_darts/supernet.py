@@ -71,10 +71,11 @@ def _check_sizes(config: SupernetConfig) -> None:
         value = getattr(config, name)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-    for name in ("init_range", "input_init_range"):
-        value = getattr(config, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be positive, got {value!r}")
+    for name, value in (("init_range", config.init_range), ("input_init_range", config.input_init_range)):
+        if value is None and name == "input_init_range":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
 def _check_primitives(primitives: tuple[str, ...]) -> None:
@@ -103,8 +104,9 @@ class SearchCell(nn.Module):
         ninp, nhid, r = config.ninp, config.nhid, config.init_range
         self.ninp, self.nhid, self.steps = ninp, nhid, config.steps
         self.W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-r, r))  # rows: x first, then h
-        if config.input_init_range is not None:
-            nn.init.uniform_(self.W0.data[:ninp], -config.input_init_range, config.input_init_range)
+        if config.input_init_range is not None:  # redrawn: later matrices' draws are the same either way
+            with torch.no_grad():
+                self.W0[:ninp].uniform_(-config.input_init_range, config.input_init_range)
         self.Ws = nn.ParameterList(
             [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-r, r)) for _ in range(config.steps)])
         self.bn = nn.BatchNorm1d(nhid, affine=False, track_running_stats=False)

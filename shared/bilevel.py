@@ -37,6 +37,12 @@ Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes
 ORDERS = ("first", "second", "exact")
 
 
+def check_order(order: str) -> None:
+    """A search's `order`: one of the engine's, or plain (weight steps only, no architecture step)."""
+    if order not in ("plain", *ORDERS):
+        raise ConfigError(f"order must be one of plain, {', '.join(ORDERS)}, got {order!r}")
+
+
 @dataclass(frozen=True)
 class BilevelConfig:
     order: str = "second"  # first | second (finite-difference Hessian) | exact (double-backward Hessian)
@@ -174,6 +180,7 @@ class Bilevel:
         if exact:
             hvp = _grad(sum((g * ui).sum() for g, ui in zip(g_train, u)), alphas)
         else:
+            del g_train, step, w, w_prime, grads, v  # free three weight-sized copies before the two passes
             hvp = self._finite_difference(train_loss, u, random)
         return ArchGradient([g - h for g, h in zip(g_alpha, hvp)], loss_val.detach())
 

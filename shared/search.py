@@ -152,22 +152,22 @@ def restore(task: SearchTask, state: dict[str, Any]) -> list[EpochRecord]:
 def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
            resume: dict[str, Any] | None = None,
            on_epoch_end: Callable[[EpochRecord], None] | None = None,
-           time_limit_s: float | None = None) -> list[EpochRecord]:
+           deadline: float | None = None) -> list[EpochRecord]:
     """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from.
 
-    With `time_limit_s`, no new epoch (after the first of this call) starts once that many seconds have passed (a batch job's wall-clock limit): the
-    history returned is shorter than `epochs`, and the checkpoint continues the search with `resume`.
+    `deadline` (a `time.monotonic()` value, e.g. a batch job's end): after the first epoch of this call, no epoch
+    starts that the longest epoch so far would carry past it. The history returned is then shorter than `epochs`,
+    and the checkpoint continues the search with `resume`.
     """
-    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     history = restore(task, resume) if resume is not None else []
     for record in history:  # a resumed run carries the whole curve
         recorder.epoch(record, history[:record.epoch])
     if resume is None:  # epoch 0: what a divergence in the first epoch falls back to
         checkpoint.save(checkpoint_path, capture(task, 0, history, config))
-    first = len(history) + 1
+    first, longest = len(history) + 1, 0.0
     for epoch in range(first, epochs + 1):
-        if deadline is not None and epoch > first and time.monotonic() >= deadline:  # every run does one epoch
-            log.info("time limit reached after epoch %d of %d; resume from %s", epoch - 1, epochs, checkpoint_path)
+        if deadline is not None and epoch > first and time.monotonic() + longest > deadline:
+            log.info("time limit: stopping after epoch %d of %d; resume from %s", epoch - 1, epochs, checkpoint_path)
             break
         started = time.perf_counter()
         try:
@@ -178,6 +178,7 @@ def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recor
             _recover(task, checkpoint_path, epoch, str(signal))
         genotype = task.genotype()
         metrics.update(task.genotype_metrics(genotype), epoch_time=time.perf_counter() - started)
+        longest = max(longest, metrics["epoch_time"])
         alphas = {name: a.tolist() for name, a in task.alpha_softmax().items()}
         history.append(EpochRecord(epoch, metrics, genotype, alphas))
         checkpoint.save(checkpoint_path, capture(task, epoch, history, config))

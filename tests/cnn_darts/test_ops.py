@@ -122,3 +122,31 @@ def test_dilated_depthwise_conv_matches_torch(kernel_size: int, stride: int, siz
     rx, rw = torch.autograd.grad(ref, (x, weight), g)
     assert torch.allclose(gx, rx, atol=1e-5)
     assert torch.allclose(gw, rw, atol=1e-4)
+
+
+def test_factorized_reduce_is_the_two_offset_stride_two_convolutions() -> None:
+
+    torch.manual_seed(0)
+    op = FactorizedReduce(6, 8, affine=False).train()
+    x = torch.randn(3, 6, 10, 10)
+    body = op.body
+    halves = [F.conv2d(F.relu(x), body.conv_1.weight, stride=2),
+              F.conv2d(F.relu(x)[:, :, 1:, 1:], body.conv_2.weight, stride=2)]
+    expected = F.batch_norm(torch.cat(halves, dim=1), None, None, training=True)
+    torch.testing.assert_close(op(x), expected)
+
+
+def test_two_channel_supernet_on_channels_last_trains_without_crashing() -> None:
+    """torch 2.13's strided 1x1 conv backward corrupted the heap here (abort); run it in a child process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import torch, torch.nn.functional as F\n"
+            "from cnn_darts.supernet import Supernet, SupernetConfig\n"
+            "m = Supernet(SupernetConfig(C=2, layers=3, steps=2, multiplier=2, channels_last=True))\n"
+            "for _ in range(3):\n"
+            "    F.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.randint(10, (4,))).backward()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

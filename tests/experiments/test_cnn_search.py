@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -40,12 +41,14 @@ def test_a_search_records_curves_genotypes_alphas_and_checkpoint(tmp_path: Path)
     assert set(alphas) == {"alphas_normal", "alphas_reduce"}
     assert all(len(rows) == 5 and sum(rows[0]) == pytest.approx(1.0) for rows in alphas.values())  # 2 + 3 edges
     assert (folder / "checkpoint.pt").is_file()
+    assert "stopped_early" not in info
     assert run["result"]["valid_acc"] == metrics["valid_acc"]["values"][-1]
 
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: Path) -> None:
     whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
     first = tiny_search(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
+    assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
     assert first.metrics(1)["valid_acc"]["steps"] == [1]
     resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert resumed.returncode == 0, whole.stderr + first.stderr + resumed.stderr
@@ -56,6 +59,7 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: P
 
 def test_resume_may_not_change_the_length_of_the_cosine_schedule(tmp_path: Path) -> None:
     first = tiny_search(tmp_path, "epochs=1")
+    assert first.returncode == 0, first.stderr
     result = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "resume: the config differs from the checkpoint's (epochs: checkpoint 1, now 2)" in result.stderr
@@ -87,8 +91,8 @@ PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 64", "learning_
 def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
     result = run_experiment("cnn_search", "print_config", *args, runs=tmp_path / "runs")
     assert result.returncode == 0, result.stderr
-    for value in PAPER_VALUES:
-        assert value in result.stdout, value
+    for value in PAPER_VALUES:  # whole lines: weight_decay must not match arch_weight_decay
+        assert re.search(rf"^\s*{re.escape(value)}(\s|$)", result.stdout, re.MULTILINE), value
 
 
 @pytest.mark.slow

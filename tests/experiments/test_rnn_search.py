@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_p
     assert len(rows) == 6 and all(sum(row) == pytest.approx(1.0) for row in rows)  # 1 + 2 + 3 edges, softmax
     assert set(run["artifacts"]) >= {"genotype.json", "genotype_history.json", "alphas.json", "tokenizer.json"}
     assert (folder / "checkpoint.pt").is_file()
+    assert "stopped_early" not in info
     assert run["result"]["valid_ppl"] == metrics["valid_ppl"]["values"][-1]
 
 
@@ -97,10 +99,24 @@ def test_a_malformed_corpus_file_is_one_line_naming_the_file(tmp_path: Path) -> 
     assert "ptb.valid.txt is not UTF-8 text" in result.stderr
 
 
-def test_a_bad_config_value_is_one_clear_line(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "order=third")
+@pytest.mark.parametrize("args, message", [
+    (("order=third",), "order must be one of plain, first, second, exact, got 'third'"),
+    (("time_limit=abc",), "time_limit must be a positive number of minutes or None, got 'abc'"),
+    (("epochs=0",), "epochs must be a positive integer, got 0"),
+    (("input_init_range=-1.0",), "input_init_range must be a positive number, got -1.0"),
+])
+def test_a_bad_config_value_is_one_clear_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    result = tiny_search(tmp_path, *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "order must be one of first, second, exact, got 'third'" in result.stderr
+    assert message in result.stderr
+
+
+def test_resuming_a_finished_search_says_nothing_is_left(tmp_path: Path) -> None:
+    first = tiny_search(tmp_path, "epochs=1")
+    assert first.returncode == 0, first.stderr
+    result = tiny_search(tmp_path, "epochs=1", f"resume={first.run_dir(1)}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the checkpoint has done 1 epochs and epochs=1: nothing is left to run; raise epochs above 1" in result.stderr
 
 
 PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 35", "learning_rate = 20.0",
@@ -113,8 +129,8 @@ PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 3
 def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
     result = run_experiment("rnn_search", "print_config", *args, runs=tmp_path / "runs")
     assert result.returncode == 0, result.stderr
-    for value in PAPER_VALUES:
-        assert value in result.stdout, value
+    for value in PAPER_VALUES:  # whole lines: weight_decay must not match arch_weight_decay
+        assert re.search(rf"^\s*{re.escape(value)}(\s|$)", result.stdout, re.MULTILINE), value
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from rnn_darts.data import load_corpus
-from rnn_darts.search import RNNSearchTask, SearchConfig
+from rnn_darts.search import RNNSearchTask, SearchConfig, log_unigram
 from rnn_darts.supernet import SupernetConfig
 from shared import checkpoint
 from shared.bilevel import Bilevel, BilevelConfig
@@ -187,3 +187,18 @@ def test_finite_difference_matches_double_backward_on_the_supernet_with_dropout(
     torch.manual_seed(7)
     exact = exact_engine.hypergradient(train_loss, valid_loss).grads[0]
     assert ((fd - exact).norm() / exact.norm()).item() < 1e-6
+
+
+def test_log_unigram_is_add_one_smoothed_log_frequency() -> None:
+    counts = torch.tensor([3.0, 2.0, 1.0, 1.0])  # tokens 0,0,1 plus one each over a vocabulary of 4
+    torch.testing.assert_close(log_unigram(torch.tensor([0, 0, 1]), 4), (counts / counts.sum()).log())
+
+
+@pytest.mark.parametrize("arch_data", ["valid", "train"])
+def test_unigram_decoder_bias_sees_all_weight_data_but_no_architecture_data(corpus, arch_data: str) -> None:
+    task = make_task(corpus, decoder_bias="unigram", train_tokens=200, arch_data=arch_data)
+    if arch_data == "valid":  # the whole train split, though the steps use only its first 200 tokens
+        expected = log_unigram(corpus.train, corpus.ntoken)
+    else:  # the weight half of the capped stream: the architecture half stays unseen
+        expected = log_unigram(corpus.train[:100], corpus.ntoken)
+    torch.testing.assert_close(task.model.decoder.bias.detach(), expected)

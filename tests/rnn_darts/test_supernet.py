@@ -255,16 +255,28 @@ def test_unknown_activation_is_a_config_error_naming_it() -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("ntoken", 0), ("nhid", -3), ("steps", 0), ("dropout", 1.0), ("dropouth", -0.1), ("dropoute", 1.5),
-    ("init_range", 0.0), ("ninp", 200), ("primitives", ("none",)), ("primitives", ("tanh", "tanh")),
+    ("init_range", 0.0), ("init_range", None), ("input_init_range", 0.0), ("input_init_range", -1.0),
+    ("input_init_range", "big"), ("ninp", 200), ("primitives", ("none",)), ("primitives", ("tanh", "tanh")),
 ])
 def test_bad_config_values(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field if field != "ninp" else "ninp, nhid"):
         dataclasses.replace(SupernetConfig(ntoken=10), **{field: value})
 
 
+@pytest.mark.parametrize("input_init_range", [None, 0.9])
+def test_input_rows_of_the_first_matrix_take_their_own_init_range(input_init_range: float | None) -> None:
+    model = tiny(init_range=0.04, input_init_range=input_init_range)
+    W0 = model.cell.W0.detach()  # (ninp + nhid, 2 nhid): x rows first
+    bound = 0.04 if input_init_range is None else input_init_range
+    assert W0[:SIZE].abs().max() <= bound and W0[:SIZE].abs().max() > 0.5 * bound
+    assert W0[SIZE:].abs().max() <= 0.04  # the hidden rows keep init_range
+    assert all(W.abs().max() <= 0.04 for W in model.cell.Ws)
+
+
 def test_config_is_frozen_with_paper_defaults() -> None:
     config = SupernetConfig(ntoken=10000)
     assert (config.ninp, config.nhid, config.steps, config.num_edges) == (300, 300, 8, 36)
+    assert (config.init_range, config.input_init_range) == (0.04, None)
     assert (config.dropout, config.dropouth, config.dropoutx, config.dropouti, config.dropoute) == (
         0.75, 0.25, 0.75, 0.2, 0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
