@@ -125,7 +125,6 @@ def test_dilated_depthwise_conv_matches_torch(kernel_size: int, stride: int, siz
 
 
 def test_factorized_reduce_is_the_two_offset_stride_two_convolutions() -> None:
-
     torch.manual_seed(0)
     op = FactorizedReduce(6, 8, affine=False).train()
     x = torch.randn(3, 6, 10, 10)
