@@ -176,3 +176,29 @@ GENOTYPES.add("cnn/DARTS_V2", CNNGenotype(
 def published(space: str, name: str) -> Genotype:
     """A published genotype by space ('rnn' | 'cnn') and name ('DARTS_V1' | 'DARTS_V2')."""
     return GENOTYPES.get(f"{space}/{name}")
+
+
+def resolve(spec: str | Path, space: str) -> tuple[Genotype, str]:
+    """The genotype a training starts from, and where it came from, for `spec` =
+    a published name ('DARTS_V2'), a genotype JSON file, or a search run folder (its final `genotype.json`).
+    Raises GenotypeError naming the three forms when `spec` is none of them or holds another space's genotype."""
+    if f"{space}/{spec}" in GENOTYPES:
+        genotype, source = GENOTYPES.get(f"{space}/{spec}"), f"published {space}/{spec}"
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "genotype.json"
+            if not path.is_file():
+                raise GenotypeError(f"{spec} is a folder without genotype.json: pass a search run folder, a "
+                                    f"genotype JSON file or a published name ({_names(space)})")
+        elif not path.is_file():
+            raise GenotypeError(f"genotype {str(spec)!r} is not a published name ({_names(space)}), a genotype JSON "
+                                f"file or a search run folder")
+        genotype, source = load(path), str(path)
+    if genotype.space != space:
+        raise GenotypeError(f"{source} holds a {genotype.space} genotype; this training needs a {space} one")
+    return genotype, source
+
+
+def _names(space: str) -> str:
+    return ", ".join(name.split("/", 1)[1] for name in GENOTYPES.names() if name.startswith(f"{space}/"))

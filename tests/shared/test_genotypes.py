@@ -80,3 +80,35 @@ def test_missing_file_and_unknown_name() -> None:
         g.load("/nonexistent/genotype.json")
     with pytest.raises(KeyError, match="unknown genotype 'rnn/DARTS_V9'"):
         g.published("rnn", "DARTS_V9")
+
+
+def test_resolve_a_published_name_a_json_file_and_a_search_run_folder(tmp_path) -> None:
+    resolve = g.resolve
+
+    genotype, source = resolve("DARTS_V2", "rnn")
+    assert genotype == g.published("rnn", "DARTS_V2") and source == "published rnn/DARTS_V2"
+    mine = g.published("rnn", "DARTS_V1")
+    (tmp_path / "g.json").write_text(g.to_json(mine))
+    assert resolve(tmp_path / "g.json", "rnn") == (mine, str(tmp_path / "g.json"))
+    run = tmp_path / "runs" / "7"
+    run.mkdir(parents=True)
+    (run / "genotype.json").write_text(g.to_json(mine))
+    assert resolve(str(run), "rnn") == (mine, str(run / "genotype.json"))
+
+
+@pytest.mark.parametrize("spec, space, message", [
+    ("DARTS_V9", "rnn", "is not a published name (DARTS_V1, DARTS_V2), a genotype JSON file or a search run folder"),
+    ("{folder}", "rnn", "is a folder without genotype.json"),
+    ("DARTS_V2", "cnn", None),  # the cnn DARTS_V2 resolves; the rnn-in-cnn case is the file below
+    ("{rnn_file}", "cnn", "holds a rnn genotype; this training needs a cnn one"),
+])
+def test_resolve_errors_name_the_problem(tmp_path, spec: str, space: str, message: str | None) -> None:
+    resolve = g.resolve
+
+    (tmp_path / "rnn.json").write_text(g.to_json(g.published("rnn", "DARTS_V2")))
+    spec = spec.format(folder=tmp_path, rnn_file=tmp_path / "rnn.json")
+    if message is None:
+        assert resolve(spec, space)[0].space == space
+        return
+    with pytest.raises(GenotypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(spec, space)
