@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, en
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return RunResult(proc.returncode, proc.stdout, proc.stderr, runs)
+
+
+def assert_printed_config(module: str, args: tuple[str, ...], lines: tuple[str, ...], runs: Path) -> None:
+    """`python -m experiments.<module> print_config ARGS` prints each of `lines` as a whole config line (so that
+    `weight_decay = X` does not match `arch_weight_decay = X`)."""
+    result = run_experiment(module, "print_config", *args, runs=runs)
+    assert result.returncode == 0, result.stderr
+    for line in lines:
+        assert re.search(rf"^\s*{re.escape(line)}(\s|$)", result.stdout, re.MULTILINE), line
 
 
 @pytest.fixture(autouse=True)

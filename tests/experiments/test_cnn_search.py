@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import math
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from shared.genotypes import CNNGenotype, load
 from tests.cnn_darts.test_data import _fake_objects, _pickled, _write
-from tests.conftest import real_data, run_experiment
+from tests.conftest import assert_printed_config, real_data, run_experiment
 
 # The smoke config shrunk to 60 generated images in the official folder layout: seconds per run.
 TINY = ("train_images=None", "batch_size=8", "init_channels=4", "layers=3", "steps=2", "threads=1")
@@ -89,10 +88,7 @@ PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 64", "learning_
 
 @pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
 def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
-    result = run_experiment("cnn_search", "print_config", *args, runs=tmp_path / "runs")
-    assert result.returncode == 0, result.stderr
-    for value in PAPER_VALUES:  # whole lines: weight_decay must not match arch_weight_decay
-        assert re.search(rf"^\s*{re.escape(value)}(\s|$)", result.stdout, re.MULTILINE), value
+    assert_printed_config("cnn_search", args, PAPER_VALUES, tmp_path / "runs")
 
 
 @pytest.mark.slow

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import math
 from pathlib import Path
 
 import pytest
 
 from shared.genotypes import RNNGenotype, load
-from tests.conftest import real_data, run_experiment
+from tests.conftest import assert_printed_config, real_data, run_experiment
 from tests.rnn_darts.test_search import write_corpus
 
 # The smoke config shrunk to a generated 30-word corpus: seconds per run.
@@ -127,10 +126,7 @@ PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 3
 
 @pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
 def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
-    result = run_experiment("rnn_search", "print_config", *args, runs=tmp_path / "runs")
-    assert result.returncode == 0, result.stderr
-    for value in PAPER_VALUES:  # whole lines: weight_decay must not match arch_weight_decay
-        assert re.search(rf"^\s*{re.escape(value)}(\s|$)", result.stdout, re.MULTILINE), value
+    assert_printed_config("rnn_search", args, PAPER_VALUES, tmp_path / "runs")
 
 
 @pytest.mark.slow
