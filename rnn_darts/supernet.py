@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnn_darts.dropout import dropout_mask, embedding_dropout, locked_dropout
+from rnn_darts.network import HighwayCell, TiedLanguageModel, check_config
 from rnn_darts.ops import ACTIVATIONS, NONE
 from shared.errors import ConfigError
 from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
@@ -50,32 +50,13 @@ class SupernetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "primitives", tuple(self.primitives))
-        _check_sizes(self)
+        check_config(self, ("ntoken", "ninp", "nhid", "nhidlast", "steps"), ("ninp", "nhid", "nhidlast"))
         _check_primitives(self.primitives)
 
     @property
     def num_edges(self) -> int:
         """Alpha rows: node i (0-based) has i + 1 predecessors, so 1 + 2 + ... + steps (36 for 8 steps)."""
         return self.steps * (self.steps + 1) // 2
-
-
-def _check_sizes(config: SupernetConfig) -> None:
-    for name in ("ntoken", "ninp", "nhid", "nhidlast", "steps"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not config.ninp == config.nhid == config.nhidlast:
-        raise ConfigError(f"ninp, nhid and nhidlast must be equal (tied embedding and decoder, one layer), got "
-                          f"{config.ninp}, {config.nhid}, {config.nhidlast}")
-    for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
-        value = getattr(config, name)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-    for name, value in (("init_range", config.init_range), ("input_init_range", config.input_init_range)):
-        if value is None and name == "input_init_range":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
 def _check_primitives(primitives: tuple[str, ...]) -> None:
@@ -88,7 +69,7 @@ def _check_primitives(primitives: tuple[str, ...]) -> None:
         raise ConfigError(f"primitives needs at least one op other than {NONE!r}, got {primitives}")
 
 
-class SearchCell(nn.Module):
+class SearchCell(HighwayCell):
     """The DARTS search cell: `W0` for the input state, one matrix `Ws[i]` per node shared by its predecessors.
 
     BatchNorm (no affine, as the original search cell) normalises s_0 and every node output, but with batch
@@ -100,16 +81,9 @@ class SearchCell(nn.Module):
     """
 
     def __init__(self, config: SupernetConfig) -> None:
-        super().__init__()
-        ninp, nhid, r = config.ninp, config.nhid, config.init_range
-        self.ninp, self.nhid, self.steps = ninp, nhid, config.steps
-        self.W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-r, r))  # rows: x first, then h
-        if config.input_init_range is not None:  # redrawn: later matrices' draws are the same either way
-            with torch.no_grad():
-                self.W0[:ninp].uniform_(-config.input_init_range, config.input_init_range)
-        self.Ws = nn.ParameterList(
-            [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-r, r)) for _ in range(config.steps)])
-        self.bn = nn.BatchNorm1d(nhid, affine=False, track_running_stats=False)
+        super().__init__(config.ninp, config.nhid, config.steps, config.init_range, config.input_init_range)
+        self.steps = config.steps
+        self.bn = nn.BatchNorm1d(config.nhid, affine=False, track_running_stats=False)
         # 'none' contributes nothing to a node: skip its column rather than compute zeros.
         self.op_columns = tuple(k for k, name in enumerate(config.primitives) if name != NONE)
         self.activations = tuple(ACTIVATIONS.get(config.primitives[k]) for k in self.op_columns)
@@ -128,25 +102,13 @@ class SearchCell(nn.Module):
         x_mask (B, ninp) and h_mask (B, nhid) are the per-sequence dropout masks (None: no dropout). Returns the cell
         outputs (T, B, nhid); the last one is the new hidden state.
         """
-        weights = self.node_weights(probs)
-        Ws = list(self.Ws)
-        x = inputs if x_mask is None else inputs * x_mask  # (T, B, ninp)
-        # cat(x, h) @ W0 == x @ W0[:ninp] + h @ W0[ninp:]: the input half for all T in one matmul.
-        xw = x @ self.W0[: self.ninp]  # (T, B, 2H)
-        w_h = self.W0[self.ninp:]  # (H, 2H)
-        outputs = []
-        for t in range(inputs.size(0)):
-            hidden = self.step(xw[t], hidden, w_h, Ws, weights, h_mask)
-            outputs.append(hidden)
-        return torch.stack(outputs)  # (T, B, H)
+        weights, Ws = self.node_weights(probs), list(self.Ws)
+        return self.unroll(inputs, hidden, x_mask, lambda xw, h, w_h: self.step(xw, h, w_h, Ws, weights, h_mask))
 
     def step(self, xw: Tensor, h_prev: Tensor, w_h: Tensor, Ws: list[Tensor], weights: list[tuple[Tensor, Tensor]],
              h_mask: Tensor | None) -> Tensor:
         """One time step: xw (B, 2H) is x_t's share of the init matmul, h_prev (B, H). Returns h_t (B, H)."""
-        masked = h_prev if h_mask is None else h_prev * h_mask
-        c0, h0 = torch.addmm(xw, masked, w_h).split(self.nhid, dim=-1)  # (B, H) each
-        s0 = self.bn(torch.lerp(h_prev, h0.tanh(), c0.sigmoid()))  # h_prev + c0 * (h0 - h_prev)
-        states = s0.unsqueeze(0)  # (1, B, H)
+        states = self.bn(self.first_state(xw, h_prev, w_h, h_mask)).unsqueeze(0)  # s_0: (1, B, H)
         for i in range(self.steps):
             s = self.node(states, Ws[i], *weights[i], h_mask)
             states = torch.cat([states, s.unsqueeze(0)])  # (i+2, B, H)
@@ -162,7 +124,7 @@ class SearchCell(nn.Module):
         return self.bn(torch.lerp(totals * states, mixed, c.sigmoid()).sum(0))  # (B, H)
 
 
-class RNNSupernet(nn.Module):
+class RNNSupernet(TiedLanguageModel):
     """The search model: tied embedding/decoder around one `SearchCell`, with the alphas as a registered parameter.
 
     `forward(tokens (T, B), hidden (1, B, nhid))` returns `(logits (T, B, ntoken), new_hidden (1, B, nhid),
@@ -172,41 +134,18 @@ class RNNSupernet(nn.Module):
     """
 
     def __init__(self, config: SupernetConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.encoder = nn.Embedding(config.ntoken, config.ninp)
-        self.cell = SearchCell(config)
-        self.decoder = nn.Linear(config.ninp, config.ntoken)
-        self.decoder.weight = self.encoder.weight  # tied: one matrix, listed once by named_parameters()
+        super().__init__(config, lambda: SearchCell(config))
         self.alphas = nn.Parameter(1e-3 * torch.randn(config.num_edges, len(config.primitives)))
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        self.init_embedding()
 
     def forward(self, tokens: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """tokens (T, B) int64, hidden (1, B, nhid) -> logits, new hidden, outputs and dropped outputs (see class)."""
-        config, training = self.config, self.training
         if tokens.size(1) < 2:
             raise ValueError("the search cell normalises with batch statistics, so a batch needs >= 2 sequences; "
                              f"got tokens of shape {tuple(tokens.shape)}")
-        # Draw order (global RNG): word mask, embedding mask, cell input and hidden masks, output mask.
-        emb = embedding_dropout(self.encoder.weight, tokens, config.dropoute, training)  # (T, B, ninp)
-        emb = locked_dropout(emb, config.dropouti, training)
-        x_mask = self._mask((tokens.size(1), config.ninp), config.dropoutx, emb)  # (B, ninp)
-        h_mask = self._mask((tokens.size(1), config.nhid), config.dropouth, emb)  # (B, nhid)
+        emb, x_mask, h_mask = self.embed(tokens)  # then the output mask, in decode
         probs = F.softmax(self.alphas, dim=-1)  # (num_edges, primitives)
-        outputs = self.cell(emb, hidden[0], probs, x_mask, h_mask)  # (T, B, nhid)
-        dropped = locked_dropout(outputs, config.dropout, training)
-        logits = self.decoder(dropped)  # (T, B, ntoken)
-        return logits, outputs[-1:], outputs, dropped
-
-    def _mask(self, shape: tuple[int, int], p: float, like: Tensor) -> Tensor | None:
-        """A per-sequence dropout mask for the cell in training, None otherwise (also for p = 0: no draw)."""
-        return dropout_mask(shape, p, like) if self.training and p > 0.0 else None
-
-    def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
-        """Zeros (1, B, nhid) in the model's dtype, on `device` (default: the model's)."""
-        weight = self.encoder.weight
-        return torch.zeros(1, batch_size, self.config.nhid, dtype=weight.dtype, device=device or weight.device)
+        return self.decode(self.cell(emb, hidden[0], probs, x_mask, h_mask))
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters (the alphas), for the architecture optimizer."""
