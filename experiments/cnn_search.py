@@ -40,7 +40,7 @@ def config() -> None:
     steps = 4  # intermediate nodes per cell
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from (same config, same epochs)
-    time_limit = None  # minutes: start no epoch after this (a batch job's limit); continue later with resume=
+    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
 
 
 @ex.named_config

@@ -54,7 +54,7 @@ def config() -> None:
     dropoute = 0.0  # whole words
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
-    time_limit = None  # minutes: start no epoch after this (a batch job's limit); continue later with resume=
+    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
 
 
 @ex.named_config

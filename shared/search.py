@@ -100,17 +100,14 @@ class Meter:
         return values
 
 
-def progress_bar(total: int, description: str) -> tqdm:
-    return tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True)
-
-
 class EpochProgress:
     """A `Meter` and a progress bar for one epoch: `add` per step; every `show_every` steps the sums are checked
     (one host sync) and `postfix(sums)` goes on the bar; `close` returns the checked sums."""
 
     def __init__(self, total: int, description: str, postfix: Callable[[dict[str, float]], dict[str, str]],
                  show_every: int = 10) -> None:
-        self.meter, self.bar = Meter(), progress_bar(total, description)
+        self.meter = Meter()
+        self.bar = tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True)
         self.postfix, self.show_every = postfix, show_every
 
     def add(self, **values: Tensor | float) -> None:
