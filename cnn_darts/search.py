@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnn_darts.data import ImageData, batches, split_search
+from cnn_darts.metrics import classify
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
-from shared.search import EpochProgress, Meter
+from shared.loop import EpochProgress
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _accuracy_postfix(sums: dict[str, float]) -> dict[str, str]:
 
 
 class CNNSearchTask:
-    """DARTS on the convolutional search space; implements `shared.search.SearchTask`."""
+    """DARTS on the convolutional search space; implements `shared.loop.EpochTask`."""
 
     def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
                  seed: int) -> None:
@@ -111,24 +112,20 @@ class CNNSearchTask:
         sums = progress.close()
         return {"train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"]}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode."""
         self.model.eval()
-        meter = Meter()
-        for x, y in batches(*self.arch_data, self.config.batch_size, self.generator, shuffle=False,
-                            drop_last=False, augment=False):
-            keep: dict[str, Tensor] = {}
-            self.loss(x, y, keep)(self.model)
-            meter.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
-        sums = meter.check()
-        return {"valid_loss": sums["loss"] / sums["images"], "valid_acc": sums["correct"] / sums["images"]}
+        result = classify(self.model, *self.arch_data, self.config.batch_size)
+        return {"valid_loss": result["loss"], "valid_acc": result["acc"]}
 
     def genotype(self) -> CNNGenotype:
         return self.model.genotype()
 
     def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
         return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal))}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.engine.optimizers()
 
     def alpha_softmax(self) -> dict[str, Tensor]:
         return self.model.alpha_softmax()

@@ -36,9 +36,49 @@ def runs_dir() -> Path:
     return Path(os.environ.get("DARTS_RUNS_DIR", "runs"))
 
 
+# Every run records all .py files of the packages an experiment's code can come from (experiments -> rnn_darts,
+# cnn_darts -> shared; tests and benchmarks are never imported by a run), relative to the repository root, so that
+# `experiments.reproduce` can tell which files changed since.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_PACKAGES = ("shared", "rnn_darts", "cnn_darts", "experiments")
+
+
+def package_sources(root: Path = REPO_ROOT) -> list[Path]:
+    """The .py files of SOURCE_PACKAGES under `root`, sorted."""
+    return sorted(path for package in SOURCE_PACKAGES for path in (root / package).rglob("*.py")
+                  if "__pycache__" not in path.parts)
+
+
+def _record_sources(ex: Experiment, module_globals: dict[str, Any]) -> None:
+    """Point the run record at the experiment's own module instead of this one.
+
+    Sacred reads the main file, the sources and the package dependencies from the globals of the module that calls
+    `Experiment(...)`, which is this one: it recorded only experiments/__init__.py and _sacred.py. Here the main
+    file is the experiment's module, the sources are every file of our packages, and the dependencies are the
+    versions of all packages imported so far (torch included: the experiment's module imports it indirectly).
+    """
+    from sacred.dependencies import Source, get_dependencies_from_sys_modules
+
+    mainfile = module_globals.get("__file__")
+    if mainfile is None:  # an interactive session: keep what Sacred found
+        return
+    ex.mainfile = Source.create(mainfile, save_git_info=False)
+    ex.sources = {ex.mainfile} | {Source.create(str(path), save_git_info=False) for path in package_sources()}
+    ex.dependencies |= get_dependencies_from_sys_modules(module_globals, str(REPO_ROOT))
+    ex.doc = module_globals.get("__doc__") or ex.doc  # `--help` shows the experiment's usage
+
+
 def make_experiment(name: str) -> Experiment:
-    """An experiment with the house observers; captured output keeps only the last state of progress bars."""
-    ex = Experiment(name, save_git_info=False)  # Sacred's own probe crashes on repos without commits
+    """An experiment with the house observers; captured output keeps only the last state of progress bars.
+
+    Call it at the end of the experiment module's imports: the run records that module as its main file, every
+    source file of our packages (relative to the repository root) and the versions of the imported packages.
+    """
+    import inspect
+
+    ex = Experiment(name, base_dir=str(REPO_ROOT), save_git_info=False)  # Sacred's git probe crashes without commits
+    caller = inspect.currentframe().f_back  # the experiment's module (Sacred would take this one's globals)
+    _record_sources(ex, caller.f_globals if caller is not None else {})
     ex.pre_run_hook(_record_git)
     ex.observers.append(FileStorageObserver(str(runs_dir())))
     mongo_url = os.environ.get("DARTS_MONGO_URL")
@@ -98,27 +138,32 @@ def run_folder(run: Any) -> Path:
 
 
 class SacredRecorder:
-    """Sends the shared search loop's per-epoch records to a Sacred run (implements shared.search.Recorder).
+    """Sends the shared epoch loop's per-epoch records to a Sacred run (implements shared.loop.Recorder).
 
-    Metrics go through `log_scalar` under stable names with the epoch as step; the genotype goes to run info
-    (`genotype`, `genotype_history`) and to the artifacts `genotype.json` and `genotype_history.json`; the softmax of
-    the alphas of every epoch goes to `alphas.json`; the checkpoint is the run folder's `checkpoint.pt` (and an
-    artifact for observers that keep no folder, such as MongoDB).
+    Metrics go through `log_scalar` under stable names with the epoch as step. For a search (`search=True`) the
+    genotype goes to run info (`genotype`, `genotype_history`) and to the artifacts `genotype.json` and
+    `genotype_history.json`, and the softmax of the alphas of every epoch to `alphas.json`; a training's genotype is
+    fixed and recorded once by its experiment. The checkpoint is the run folder's `checkpoint.pt` (and an artifact
+    for observers that keep no folder, such as MongoDB).
     """
 
-    def __init__(self, run: Any, folder: Path) -> None:
-        self.run, self.folder = run, folder
+    def __init__(self, run: Any, folder: Path, search: bool = True) -> None:
+        self.run, self.folder, self.search = run, folder, search
 
     def epoch(self, record: Any, history: list[Any]) -> None:
-        from shared.genotypes import to_dict
-
         for name, value in record.metrics.items():
             self.run.log_scalar(name, value, record.epoch)
+        self.run.info["epochs_done"] = record.epoch
+        if self.search:
+            self._genotypes(record, history)
+
+    def _genotypes(self, record: Any, history: list[Any]) -> None:
+        from shared.genotypes import to_dict
+
         genotypes = [{"epoch": r.epoch, "genotype": to_dict(r.genotype)} for r in history]
         self.run.info["genotype"] = to_dict(record.genotype)
         self.run.info["genotype_history"] = genotypes
         self.run.info["alphas"] = record.alphas
-        self.run.info["epochs_done"] = record.epoch
         add_json_artifact(self.run, "genotype.json", to_dict(record.genotype))
         add_json_artifact(self.run, "genotype_history.json", genotypes)
         add_json_artifact(self.run, "alphas.json", [{"epoch": r.epoch, "alphas": r.alphas} for r in history])
@@ -146,16 +191,17 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
                           f"pass the original run's named configs and values along with resume=")
 
 
-def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
-               may_change: frozenset[str] = RESUMABLE_CHANGES) -> list[Any]:
-    """What every search experiment does around its task: threads, seed, resume, checkpoint folder, the loop, and
-    the time limit (config `time_limit`, minutes from now: no epoch starts that would end after it, judged by the
-    longest epoch so far; run info `stopped_early` says where it stopped)."""
+def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
+                may_change: frozenset[str] = RESUMABLE_CHANGES, search: bool = True) -> tuple[Any, list[Any]]:
+    """What every search and training experiment does around its task: threads, seed, resume, checkpoint folder,
+    the epoch loop, and the time limit (config `time_limit`, minutes from now: no epoch starts that would end after
+    it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). Returns the task and
+    the epoch records."""
     import torch
 
     from shared import checkpoint
     from shared.errors import ConfigError
-    from shared.search import search
+    from shared.loop import run_epochs
 
     started = time.monotonic()  # the time limit counts data loading too
     limit = config.get("time_limit")
@@ -177,12 +223,38 @@ def run_search(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
         run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
     folder = run_folder(run)
     task = build_task()
-    history = search(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder), config,
-                     resume_state, deadline=None if limit is None else started + 60.0 * limit)
+    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder, search),
+                         config, resume_state, deadline=None if limit is None else started + 60.0 * limit)
     if history and history[-1].epoch < config["epochs"]:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}
-    return history
+    return task, history
+
+
+def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Callable[[], Any], genotype: Any,
+                    source: str, metric: str, best: Callable[[Any], Any],
+                    may_change: frozenset[str] = RESUMABLE_CHANGES) -> dict[str, Any]:
+    """What a from-scratch training experiment does around its task: record the genotype and where it came from
+    (run info `genotype`, `genotype_source`, artifact `genotype.json`) and the parameter count (`num_parameters`),
+    run the epochs (`run_tracked`), then test (metrics logged at the last epoch) and return the result."""
+    from shared.genotypes import to_dict
+
+    run.info.update(genotype=to_dict(genotype), genotype_source=source)
+    add_json_artifact(run, "genotype.json", to_dict(genotype))
+
+    def build() -> Any:
+        task = build_task()
+        run.info["num_parameters"] = task.num_parameters()
+        log.info("genotype from %s; %s parameters", source, f"{task.num_parameters():,}")
+        return task
+
+    task, history = run_tracked(run, config, build, may_change, search=False)
+    test = task.test()
+    for name, value in test.items():
+        run.log_scalar(name, value, history[-1].epoch)
+    log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
+    return {"genotype_source": source, "num_parameters": run.info["num_parameters"],
+            metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history), **test}
 
 
 def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import RESUMABLE_CHANGES, make_experiment, run_search, search_result, user_errors
+from experiments._sacred import RESUMABLE_CHANGES, make_experiment, run_tracked, search_result, user_errors
 from shared.device import resolve_device
 
 ex = make_experiment("cnn_search")
@@ -86,7 +86,7 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
         return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    history = run_search(_run, config, build_task, may_change=RESUMABLE_CHANGES - {"epochs"})
+    _, history = run_tracked(_run, config, build_task, may_change=RESUMABLE_CHANGES - {"epochs"})
     return search_result(history, "valid_acc", best=max)
 
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import make_experiment, run_search, search_result, user_errors
+from experiments._sacred import make_experiment, run_tracked, search_result, user_errors
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
@@ -111,7 +111,7 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
         search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
         return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed)
 
-    return search_result(run_search(_run, config, build_task), "valid_ppl")
+    return search_result(run_tracked(_run, config, build_task)[1], "valid_ppl")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ penalises the size of the dropped outputs, TAR the change of the raw outputs bet
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from rnn_darts.data import get_batch
 
 
 def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -23,3 +26,17 @@ def tar(outputs: Tensor, beta: float = 1e-3) -> Tensor:
 def ar(dropped_outputs: Tensor, alpha: float = 0.0) -> Tensor:
     """Activation regularisation: alpha * mean(h^2) over the outputs after the output dropout (T, B, H)."""
     return alpha * dropped_outputs.pow(2).mean()
+
+
+@torch.no_grad()
+def stream_loss(model: nn.Module, data: Tensor, bptt: int) -> float:
+    """Mean cross entropy per token of `model` (eval mode) over a batchified stream (T, B): fixed `bptt` windows,
+    the hidden state carried from window to window. exp() of it is the perplexity."""
+    model.eval()
+    hidden = model.init_hidden(data.size(1))
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    for start in range(0, data.size(0) - 1, bptt):
+        x, y = get_batch(data, start, bptt)
+        logits, hidden, _, _ = model(x, hidden)
+        total += language_model_loss(logits, y).double() * x.size(0)
+    return total.item() / (data.size(0) - 1)

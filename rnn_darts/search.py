@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
-from rnn_darts.loss import language_model_loss, tar
+from rnn_darts.loss import language_model_loss, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
-from shared.search import EpochProgress
+from shared.loop import EpochProgress
 
 ARCH_DATA = ("valid", "train")
 
@@ -80,7 +80,7 @@ def _ppl_postfix(sums: dict[str, float]) -> dict[str, str]:
 
 
 class RNNSearchTask:
-    """DARTS on the recurrent search space; implements `shared.search.SearchTask`."""
+    """DARTS on the recurrent search space; implements `shared.loop.EpochTask`."""
 
     def __init__(self, corpus: Corpus, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
                  seed: int) -> None:
@@ -157,18 +157,9 @@ class RNNSearchTask:
         loss = sums["cross_entropy"] / sums["tokens"]
         return {"train_loss": loss, "train_ppl": math.exp(min(loss, 700))}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried."""
-        model, data = self.model, self.valid_data
-        model.eval()
-        hidden = model.init_hidden(data.size(1))
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, data.size(0) - 1, self.config.bptt):
-            x, y = get_batch(data, start, self.config.bptt)
-            logits, hidden, _, _ = model(x, hidden)
-            total += language_model_loss(logits, y).double() * x.size(0)
-        loss = total.item() / (data.size(0) - 1)
+        loss = stream_loss(self.model, self.valid_data, self.config.bptt)
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 700))}
 
     # ---- what the loop records -----------------------------------------------------------------------------------
@@ -178,6 +169,9 @@ class RNNSearchTask:
     def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
         ops = [op for op, _ in genotype.recurrent]
         return {"identity_share": ops.count("identity") / len(ops)}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.engine.optimizers()
 
     def alpha_softmax(self) -> dict[str, Tensor]:
         return {"alphas": self.model.alpha_softmax()}

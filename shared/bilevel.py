@@ -121,6 +121,10 @@ class Bilevel:
         if {n for n, _ in self.weights} & {n for n, _ in self.alphas}:
             raise ConfigError("a parameter is in both the weight and the architecture optimizer")
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The two optimizers by the names a checkpoint keeps them under."""
+        return {"weight_optimizer": self.weight_optimizer, "arch_optimizer": self.arch_optimizer}
+
     # ---- the two steps -------------------------------------------------------------------------------------------
     def weight_step(self, train_loss: LossFn) -> Tensor:
         """One real weight step: backward into the weights only, reduce, clip, optimizer step. Returns the loss."""

@@ -10,7 +10,7 @@ from cnn_darts.supernet import SupernetConfig
 from shared import checkpoint
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
-from shared.search import EpochRecord, search
+from shared.loop import EpochRecord, run_epochs
 from tests.rnn_darts.test_search import Interrupt, ListRecorder, _comparable
 
 
@@ -34,7 +34,7 @@ def make_task(order: str = "second", seed: int = 0, **changes) -> CNNSearchTask:
 def test_a_search_epoch_runs_for_every_order_and_yields_a_valid_genotype(tmp_path, order: str) -> None:
     task = make_task(order)
     alphas = {k: v.clone() for k, v in task.alpha_softmax().items()}
-    history = search(task, 1, tmp_path / "checkpoint.pt", ListRecorder(), config={})
+    history = run_epochs(task, 1, tmp_path / "checkpoint.pt", ListRecorder(), config={})
     record = history[0]
     assert isinstance(record.genotype, CNNGenotype) and record.genotype.steps == 2
     assert set(record.metrics) >= {"train_loss", "train_acc", "valid_loss", "valid_acc", "skip_connect_normal",
@@ -48,23 +48,23 @@ def test_a_search_epoch_runs_for_every_order_and_yields_a_valid_genotype(tmp_pat
 def test_cosine_schedule_and_halves(tmp_path) -> None:
     task = make_task("first")
     assert len(task.weight_data[1]) == len(task.arch_data[1]) == 24
-    search(task, 2, tmp_path / "c.pt", ListRecorder(), config={})
+    run_epochs(task, 2, tmp_path / "c.pt", ListRecorder(), config={})
     lr = task.engine.weight_optimizer.param_groups[0]["lr"]
     expected = 0.001 + (0.025 - 0.001) * (1 + torch.cos(torch.tensor(2 / 3 * torch.pi))).item() / 2
     assert lr == pytest.approx(expected)
 
 
 def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(tmp_path) -> None:
-    whole = search(make_task(), 3, tmp_path / "whole.pt", ListRecorder(), config={})
+    whole = run_epochs(make_task(), 3, tmp_path / "whole.pt", ListRecorder(), config={})
 
     def stop_after_first(record: EpochRecord) -> None:
         if record.epoch == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        search(make_task(), 3, tmp_path / "cut.pt", ListRecorder(), config={}, on_epoch_end=stop_after_first)
+        run_epochs(make_task(), 3, tmp_path / "cut.pt", ListRecorder(), config={}, on_epoch_end=stop_after_first)
     torch.manual_seed(123)  # whatever the global state, the checkpoint decides
-    resumed = search(make_task(), 3, tmp_path / "resumed.pt", ListRecorder(), config={},
+    resumed = run_epochs(make_task(), 3, tmp_path / "resumed.pt", ListRecorder(), config={},
                      resume=checkpoint.load(tmp_path / "cut.pt"))
     assert _comparable(resumed) == _comparable(whole)
 

@@ -14,7 +14,7 @@ from rnn_darts.supernet import SupernetConfig
 from shared import checkpoint
 from shared.bilevel import Bilevel, BilevelConfig
 from shared.genotypes import RNNGenotype
-from shared.search import EpochRecord, SearchDiverged, search
+from shared.loop import Diverged, EpochRecord, run_epochs
 
 
 def write_corpus(folder: Path, words: int = 30, lines: int = 120, seed: int = 0) -> Path:
@@ -63,7 +63,7 @@ def test_a_search_epoch_runs_for_every_order_and_yields_a_valid_genotype(corpus,
     task = make_task(corpus, order)
     alphas = task.model.alphas.detach().clone()
     recorder = ListRecorder()
-    history = search(task, 1, tmp_path / "checkpoint.pt", recorder, config={"order": order})
+    history = run_epochs(task, 1, tmp_path / "checkpoint.pt", recorder, config={"order": order})
     record = history[0]
     assert isinstance(record.genotype, RNNGenotype) and record.genotype.steps == 3
     for name in ("train_ppl", "valid_ppl", "train_loss", "valid_loss", "identity_share", "epoch_time"):
@@ -80,7 +80,7 @@ def test_arch_data_from_a_held_out_part_of_train(corpus, tmp_path) -> None:
     task = make_task(corpus, "first", arch_data="train", arch_fraction=0.25)
     train_tokens = task.train_data.numel() + task.arch_data.numel()
     assert train_tokens <= corpus.train.numel() and task.arch_data.numel() < task.train_data.numel()
-    search(task, 1, tmp_path / "c.pt", ListRecorder(), config={})
+    run_epochs(task, 1, tmp_path / "c.pt", ListRecorder(), config={})
 
 
 class Interrupt(Exception):
@@ -93,18 +93,18 @@ def _comparable(history: list[EpochRecord]) -> list[tuple]:
 
 
 def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(corpus, tmp_path) -> None:
-    whole = search(make_task(corpus), 3, tmp_path / "whole.pt", ListRecorder(), config={})
+    whole = run_epochs(make_task(corpus), 3, tmp_path / "whole.pt", ListRecorder(), config={})
 
     def stop_after_first(record: EpochRecord) -> None:
         if record.epoch == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        search(make_task(corpus), 3, tmp_path / "cut.pt", ListRecorder(), config={}, on_epoch_end=stop_after_first)
+        run_epochs(make_task(corpus), 3, tmp_path / "cut.pt", ListRecorder(), config={}, on_epoch_end=stop_after_first)
     state = checkpoint.load(tmp_path / "cut.pt")
     assert state["epoch"] == 1
     recorder = ListRecorder()
-    resumed = search(make_task(corpus, seed=99), 3, tmp_path / "resumed.pt", recorder, config={}, resume=state)
+    resumed = run_epochs(make_task(corpus, seed=99), 3, tmp_path / "resumed.pt", recorder, config={}, resume=state)
     assert _comparable(resumed) == _comparable(whole)
     assert [r.epoch for r in recorder.records] == [1, 2, 3]  # the resumed run re-records the earlier epoch
     final_whole = checkpoint.load(tmp_path / "whole.pt")["model"]
@@ -115,7 +115,7 @@ def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(corpus, tmp
 def test_a_nan_loss_stops_the_epoch_restores_the_checkpoint_and_reports(corpus, tmp_path, monkeypatch) -> None:
     task = make_task(corpus, "first")
     path = tmp_path / "checkpoint.pt"
-    search(task, 1, path, ListRecorder(), config={})
+    run_epochs(task, 1, path, ListRecorder(), config={})
     saved = checkpoint.load(path)
     original = task.loss
 
@@ -124,8 +124,8 @@ def test_a_nan_loss_stops_the_epoch_restores_the_checkpoint_and_reports(corpus, 
         return lambda forward: inner(forward) * float("nan")
 
     monkeypatch.setattr(task, "loss", poisoned)
-    with pytest.raises(SearchDiverged, match=r"epoch 2 stopped: non-finite .*restored to the checkpoint of epoch 1"):
-        search(task, 2, path, ListRecorder(), config={}, resume=saved)
+    with pytest.raises(Diverged, match=r"epoch 2 stopped: non-finite .*restored to the checkpoint of epoch 1"):
+        run_epochs(task, 2, path, ListRecorder(), config={}, resume=saved)
     model = task.model.state_dict()
     assert all(torch.equal(model[k], saved["model"][k]) for k in model)  # back to the last good state
     assert checkpoint.load(path)["epoch"] == 1  # and the checkpoint was not overwritten by the bad epoch

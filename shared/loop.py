@@ -1,7 +1,9 @@
-"""The search loop both spaces share: epochs, evaluation, per-epoch records, checkpoints, resume, divergence.
+"""The epoch loop every search and every training shares: epochs, evaluation, per-epoch records, checkpoints,
+resume, divergence, time limit.
 
-A search space supplies a `SearchTask` (how to train one epoch, evaluate, and read the genotype); the experiment
-supplies a `Recorder` (where records go: Sacred). This module knows neither RNNs, CNNs nor Sacred.
+A search space or a training supplies an `EpochTask` (how to train one epoch, evaluate, read the genotype, and which
+optimizers to checkpoint); the experiment supplies a `Recorder` (where records go: Sacred). This module knows
+neither RNNs, CNNs nor Sacred.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from shared import checkpoint
-from shared.bilevel import Bilevel
 from shared.errors import UserFacingError
 from shared.genotypes import Genotype, from_dict, to_dict
 
@@ -25,18 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(Exception):
-    """Raised inside an epoch when a loss is NaN or infinite; the loop turns it into `SearchDiverged`."""
+    """Raised inside an epoch when a loss is NaN or infinite; the loop turns it into `Diverged`."""
 
 
-class SearchDiverged(UserFacingError):
-    """The search met a non-finite loss; the model was restored to its last checkpoint."""
+class Diverged(UserFacingError):
+    """A run met a non-finite loss; the model was restored to its last checkpoint."""
 
 
-class SearchTask(Protocol):
-    """What a search space hands the loop."""
+class EpochTask(Protocol):
+    """What a search space or a training hands the loop. A training's genotype is the fixed one it trains; it has
+    no alphas and no genotype metrics (empty dicts)."""
 
     model: nn.Module
-    engine: Bilevel
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...  # checkpointed under these names
 
     def train_epoch(self, epoch: int) -> dict[str, float]: ...  # raises NonFiniteLoss
 
@@ -48,9 +51,29 @@ class SearchTask(Protocol):
 
     def alpha_softmax(self) -> dict[str, Tensor]: ...
 
-    def state_dict(self) -> dict[str, Any]: ...  # what the model and optimizers do not hold: schedulers, streams
+    def state_dict(self) -> dict[str, Any]: ...  # what model and optimizers do not hold: schedulers, streams
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class FixedGenotypeTask:
+    """What an `EpochTask` that trains one fixed genotype from scratch answers the loop: its genotype, no genotype
+    metrics, no alphas, and its one optimizer `self.optimizer` (checkpointed as `weight_optimizer`)."""
+
+    fixed_genotype: Genotype
+    optimizer: torch.optim.Optimizer
+
+    def genotype(self) -> Genotype:
+        return self.fixed_genotype
+
+    def genotype_metrics(self, genotype: Genotype) -> dict[str, float]:
+        return {}
+
+    def alpha_softmax(self) -> dict[str, Tensor]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"weight_optimizer": self.optimizer}
 
 
 @dataclass
@@ -121,13 +144,12 @@ class EpochProgress:
         return self.meter.check()
 
 
-def capture(task: SearchTask, epoch: int, history: list[EpochRecord], config: dict[str, Any]) -> dict[str, Any]:
+def capture(task: EpochTask, epoch: int, history: list[EpochRecord], config: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to continue after `epoch`, as plain state dicts."""
     return {
         "epoch": epoch,
         "model": task.model.state_dict(),
-        "weight_optimizer": task.engine.weight_optimizer.state_dict(),
-        "arch_optimizer": task.engine.arch_optimizer.state_dict(),
+        **{name: optimizer.state_dict() for name, optimizer in task.optimizers().items()},
         "task": task.state_dict(),
         "rng": checkpoint.rng_state(),
         "history": [record.to_dict() for record in history],
@@ -136,25 +158,25 @@ def capture(task: SearchTask, epoch: int, history: list[EpochRecord], config: di
     }
 
 
-def restore(task: SearchTask, state: dict[str, Any]) -> list[EpochRecord]:
+def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
     """Put the task back into a captured state; returns the epoch history it had."""
     task.model.load_state_dict(state["model"])
-    task.engine.weight_optimizer.load_state_dict(state["weight_optimizer"])
-    task.engine.arch_optimizer.load_state_dict(state["arch_optimizer"])
+    for name, optimizer in task.optimizers().items():
+        optimizer.load_state_dict(state[name])
     task.load_state_dict(state["task"])
     checkpoint.set_rng_state(state["rng"])
     return [EpochRecord.from_dict(record) for record in state["history"]]
 
 
-def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
-           resume: dict[str, Any] | None = None,
-           on_epoch_end: Callable[[EpochRecord], None] | None = None,
-           deadline: float | None = None) -> list[EpochRecord]:
+def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
+               resume: dict[str, Any] | None = None,
+               on_epoch_end: Callable[[EpochRecord], None] | None = None,
+               deadline: float | None = None) -> list[EpochRecord]:
     """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from.
 
     `deadline` (a `time.monotonic()` value, e.g. a batch job's end): after the first epoch of this call, no epoch
     starts that the longest epoch so far would carry past it. The history returned is then shorter than `epochs`,
-    and the checkpoint continues the search with `resume`.
+    and the checkpoint continues the run with `resume`.
     """
     history = restore(task, resume) if resume is not None else []
     for record in history:  # a resumed run carries the whole curve
@@ -187,9 +209,9 @@ def search(task: SearchTask, epochs: int, checkpoint_path: Path, recorder: Recor
     return history
 
 
-def _recover(task: SearchTask, checkpoint_path: Path, epoch: int, reason: str) -> None:
+def _recover(task: EpochTask, checkpoint_path: Path, epoch: int, reason: str) -> None:
     state = checkpoint.load(checkpoint_path)
     restore(task, state)
-    raise SearchDiverged(
+    raise Diverged(
         f"epoch {epoch} stopped: {reason}; the model is restored to the checkpoint of epoch {state['epoch']} "
         f"({checkpoint_path}). Lower the learning rate or the gradient clip and resume with resume={checkpoint_path}")

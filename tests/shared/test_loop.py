@@ -1,4 +1,4 @@
-"""The shared search loop's time limit, on a fake task and a fake clock (each epoch takes ten clock seconds)."""
+"""The shared epoch loop's time limit, on a fake task and a fake clock (each epoch takes ten clock seconds)."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ from torch import nn
 
 from shared.bilevel import Bilevel, BilevelConfig
 from shared.genotypes import RNNGenotype
-from shared.search import EpochRecord, search
+from shared.loop import EpochRecord, run_epochs
 
 EPOCH_SECONDS = 10.0
 
@@ -24,7 +24,7 @@ class Clock:
 
 
 class FakeTask:
-    """The smallest SearchTask: one weight, one alpha; an epoch only advances the clock."""
+    """The smallest EpochTask: one weight, one alpha; an epoch only advances the clock."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -33,6 +33,9 @@ class FakeTask:
         self.model.alpha = nn.Parameter(torch.zeros(1))
         self.engine = Bilevel(self.model, torch.optim.SGD([self.model.w], lr=0.1),
                               torch.optim.Adam([self.model.alpha]), BilevelConfig(order="first"))
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.engine.optimizers()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.clock.now += EPOCH_SECONDS
@@ -83,15 +86,15 @@ def test_no_epoch_starts_that_the_longest_epoch_would_carry_past_the_deadline(tm
                                                                               budget: float | None,
                                                                               epochs_run: int) -> None:
     deadline = None if budget is None else clock.now + budget
-    history = search(FakeTask(clock), 5, tmp_path / "c.pt", Nowhere(), {}, deadline=deadline)
+    history = run_epochs(FakeTask(clock), 5, tmp_path / "c.pt", Nowhere(), {}, deadline=deadline)
     assert [r.epoch for r in history] == list(range(1, epochs_run + 1))
     assert all(r.metrics["epoch_time"] == EPOCH_SECONDS for r in history)
 
 
 def test_a_resumed_call_under_a_passed_deadline_still_does_one_epoch(tmp_path, clock: Clock) -> None:
-    search(FakeTask(clock), 2, tmp_path / "c.pt", Nowhere(), {}, deadline=clock.now - 1)
+    run_epochs(FakeTask(clock), 2, tmp_path / "c.pt", Nowhere(), {}, deadline=clock.now - 1)
     from shared import checkpoint
 
     state = checkpoint.load(tmp_path / "c.pt")
-    history = search(FakeTask(clock), 5, tmp_path / "c.pt", Nowhere(), {}, resume=state, deadline=clock.now - 1)
+    history = run_epochs(FakeTask(clock), 5, tmp_path / "c.pt", Nowhere(), {}, resume=state, deadline=clock.now - 1)
     assert [r.epoch for r in history] == [1, 2]
