@@ -1,0 +1,102 @@
+"""Train a convolutional cell from scratch on CIFAR-10 (the paper's evaluation), tracked by Sacred.
+
+    python -m experiments.cnn_train with smoke data_dir=../shared/data/cifar10    # about a minute on a CPU
+    python -m experiments.cnn_train with paper device=cuda                        # DARTS_V2, 20 cells, 600 epochs
+    python -m experiments.cnn_train with paper genotype_from=runs/7 device=cuda   # the final cell of search run 7
+    python -m experiments.cnn_train print_config                                  # every option, commented
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from cnn_darts.data import load_cifar10
+from cnn_darts.network import NetworkConfig
+from cnn_darts.train import CNNTrainTask, TrainConfig
+from experiments._sacred import RESUMABLE_CHANGES, make_experiment, record_training, user_errors
+from shared.device import resolve_device
+from shared.genotypes import resolve
+
+ex = make_experiment("cnn_train")
+
+
+@ex.config
+def config() -> None:
+    data_dir = None  # CIFAR-10 python version (tarball, cifar-10-batches-py/ or its files); None: $DARTS_DATA_DIR, ./data/cifar10, hub
+    genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
+    seed = 0  # the original cnn/train.py's; seeds the weights, the held-out split, augmentation and drop path
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    epochs = 600  # also the length of the cosine schedule and of the drop-path ramp
+    batch_size = 96
+    eval_batch_size = 256  # validation and test
+    learning_rate = 0.025  # SGD, cosine-annealed to learning_rate_min over the epochs
+    learning_rate_min = 0.0
+    momentum = 0.9
+    weight_decay = 3e-4
+    grad_clip = 5.0  # max norm of the gradient
+    auxiliary = True  # the auxiliary head after 2/3 of the cells
+    auxiliary_weight = 0.4  # its share of the loss
+    drop_path_prob = 0.2  # reached linearly at the last epoch
+    cutout_size = 16  # 0: no cutout
+    valid_images = 0  # 0: validate on the test split every epoch (the original); N: hold N training images out
+    train_images = None  # only the first N training images (None: all)
+    test_images = None  # only the first N test images (None: all)
+    init_channels = 36  # C of the first cell
+    layers = 20  # cells; reductions at 1/3 and 2/3 of the depth
+    threads = 0  # torch CPU threads (0: torch's default)
+    resume = None  # a run folder or checkpoint.pt to continue from (same config, same epochs)
+    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+
+
+@ex.named_config
+def paper() -> None:
+    # The paper's CIFAR-10 evaluation (Liu et al. 2019, appendix A.2; cnn/train.py of quark0/darts).
+    genotype_from = "DARTS_V2"
+    epochs = 600
+    batch_size = 96
+    learning_rate = 0.025
+    momentum = 0.9
+    weight_decay = 3e-4
+    grad_clip = 5.0
+    auxiliary = True
+    auxiliary_weight = 0.4
+    drop_path_prob = 0.2
+    cutout_size = 16
+    init_channels = 36
+    layers = 20
+
+
+@ex.named_config
+def smoke() -> None:
+    # About a minute on a 2-core CPU: DARTS_V2 in 5 cells of 8 channels, 2 epochs over 1024 images (128 held out).
+    epochs = 2
+    batch_size = 32
+    learning_rate = 0.05
+    train_images = 1024
+    valid_images = 128
+    test_images = 512
+    init_channels = 8
+    layers = 5
+    threads = 2
+
+
+@ex.main
+@user_errors
+def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
+         device: str, init_channels: int, layers: int, auxiliary: bool) -> dict[str, Any]:
+    config = dict(_config)
+    genotype, source = resolve(genotype_from, "cnn")
+
+    def build_task() -> CNNTrainTask:
+        data = load_cifar10(data_dir)
+        model_config = NetworkConfig(C=init_channels, layers=layers, num_classes=len(data.classes),
+                                     auxiliary=auxiliary)
+        train_config = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__})
+        return CNNTrainTask(data, genotype, model_config, train_config, resolve_device(device), seed)
+
+    # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
+    return record_training(_run, _log, config, build_task, genotype, source, "valid_acc", best=max,
+                           may_change=RESUMABLE_CHANGES - {"epochs"})
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

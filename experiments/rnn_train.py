@@ -1,0 +1,118 @@
+"""Train a recurrent cell from scratch on Penn Treebank (the paper's evaluation), tracked by Sacred.
+
+    python -m experiments.rnn_train with smoke                                # a few minutes on a CPU
+    python -m experiments.rnn_train with paper device=cuda                    # DARTS_V2 at 850, NT-ASGD
+    python -m experiments.rnn_train with paper genotype_from=runs/7 device=cuda   # the final cell of search run 7
+    python -m experiments.rnn_train with paper genotype_from=my_cell.json     # a genotype JSON file
+    python -m experiments.rnn_train print_config                              # every option, commented
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from experiments._sacred import make_experiment, record_training, user_errors
+from rnn_darts.data import load_corpus, save_tokenizer
+from rnn_darts.model import ModelConfig
+from rnn_darts.train import RNNTrainTask, TrainConfig
+from shared.device import resolve_device
+from shared.genotypes import resolve
+
+ex = make_experiment("rnn_train")
+
+
+@ex.config
+def config() -> None:
+    data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
+    genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
+    seed = 1267  # the original rnn/train.py's; seeds the weights, the dropout masks and the BPTT window lengths
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    epochs = 8000  # the original rnn/train.py's default (the paper: "until convergence")
+    batch_size = 64
+    eval_batch_size = 10  # validation every epoch
+    test_batch_size = 1  # the final test
+    bptt = 35  # mean BPTT window
+    max_seq_len_delta = 20  # windows are at most bptt + this
+    learning_rate = 20.0  # SGD; scaled by seq_len / bptt each step
+    weight_decay = 8e-7
+    grad_clip = 0.25  # max norm of the gradient
+    beta = 1e-3  # temporal activation regularisation
+    nonmono = 5  # NT-ASGD: average the weights once validation has not beaten the best before the last 5 epochs
+    train_tokens = None  # only the first N training tokens (None: all)
+    eval_tokens = None  # validate on the first N valid tokens (None: all); the test always uses the whole split
+    emsize = 850  # embedding size = cell size (tied decoder)
+    nhid = 850
+    init_range = 0.04  # cell matrices start uniform(-init_range, init_range)
+    input_init_range = None  # the input rows of W0 (None: init_range, the paper)
+    dropout = 0.75  # output (locked)
+    dropouth = 0.25  # hidden state (per sequence)
+    dropoutx = 0.75  # cell input (per sequence)
+    dropouti = 0.2  # embedding output (locked)
+    dropoute = 0.1  # whole words
+    threads = 0  # torch CPU threads (0: torch's default)
+    resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
+    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+
+
+@ex.named_config
+def paper() -> None:
+    # The paper's PTB evaluation (Liu et al. 2019, appendix A.2; rnn/train.py of quark0/darts).
+    genotype_from = "DARTS_V2"
+    seed = 1267
+    epochs = 8000
+    batch_size = 64
+    eval_batch_size = 10
+    test_batch_size = 1
+    bptt = 35
+    learning_rate = 20.0
+    weight_decay = 8e-7
+    grad_clip = 0.25
+    beta = 1e-3
+    nonmono = 5
+    emsize = 850
+    nhid = 850
+    dropout, dropouth, dropoutx, dropouti, dropoute = 0.75, 0.25, 0.75, 0.2, 0.1
+
+
+@ex.named_config
+def smoke() -> None:
+    # A couple of minutes on a 2-core CPU: DARTS_V2 at 64 wide, 4 epochs over the first 30k training tokens with a
+    # short NT-ASGD patience, so the averaging switch happens too when validation stalls.
+    epochs = 4
+    batch_size = 32
+    eval_batch_size = 64
+    test_batch_size = 64
+    learning_rate = 20.0
+    nonmono = 1
+    train_tokens = 30_000
+    eval_tokens = 20_000
+    emsize = 64
+    nhid = 64
+    dropout, dropouth, dropoutx, dropouti, dropoute = 0.2, 0.1, 0.2, 0.1, 0.0
+    threads = 2
+
+
+@ex.main
+@user_errors
+def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
+         device: str, emsize: int, nhid: int, init_range: float, input_init_range: float | None, dropout: float,
+         dropouth: float, dropoutx: float, dropouti: float, dropoute: float) -> dict[str, Any]:
+    config = dict(_config)
+    genotype, source = resolve(genotype_from, "rnn")
+
+    def build_task() -> RNNTrainTask:
+        corpus = load_corpus(data_dir)
+        with tempfile.TemporaryDirectory() as tmp:  # the observer copies artifacts into the run folder
+            _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
+        model_config = ModelConfig(
+            ntoken=corpus.ntoken, ninp=emsize, nhid=nhid, init_range=init_range, input_init_range=input_init_range,
+            dropout=dropout, dropouth=dropouth, dropoutx=dropoutx, dropouti=dropouti, dropoute=dropoute)
+        train_config = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__})
+        return RNNTrainTask(corpus, genotype, model_config, train_config, resolve_device(device), seed)
+
+    return record_training(_run, _log, config, build_task, genotype, source, "valid_ppl", best=min)
+
+
+if __name__ == "__main__":
+    ex.run_commandline()
