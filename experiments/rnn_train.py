@@ -1,6 +1,6 @@
 """Train a recurrent cell from scratch on Penn Treebank (the paper's evaluation), tracked by Sacred.
 
-    python -m experiments.rnn_train with smoke                                # a few minutes on a CPU
+    python -m experiments.rnn_train with smoke                                # half a minute on a CPU
     python -m experiments.rnn_train with paper device=cuda                    # DARTS_V2 at 850, NT-ASGD
     python -m experiments.rnn_train with paper genotype_from=runs/7 device=cuda   # the final cell of search run 7
     python -m experiments.rnn_train with paper genotype_from=my_cell.json     # a genotype JSON file
@@ -49,7 +49,7 @@ def config() -> None:
     dropouth = 0.25  # hidden state (per sequence)
     dropoutx = 0.75  # cell input (per sequence)
     dropouti = 0.2  # embedding output (locked)
-    dropoute = 0.1  # whole words
+    dropoute = 0.1  # whole words (the paper's 0.1; the original rnn/train.py's default is 0)
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
     time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
@@ -77,8 +77,8 @@ def paper() -> None:
 
 @ex.named_config
 def smoke() -> None:
-    # A couple of minutes on a 2-core CPU: DARTS_V2 at 64 wide, 4 epochs over the first 30k training tokens with a
-    # short NT-ASGD patience, so the averaging switch happens too when validation stalls.
+    # Half a minute on a 2-core CPU: DARTS_V2 at 64 wide, 4 epochs over the first 30k training tokens, with the
+    # shortest NT-ASGD patience so that averaging starts as soon as validation stalls.
     epochs = 4
     batch_size = 32
     eval_batch_size = 64
