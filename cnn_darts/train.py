@@ -55,6 +55,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.learning_rate_min <= self.learning_rate:
             raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
+        for name in ("train_images", "test_images"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 1):
+                raise ConfigError(f"{name} must be a positive number of images or None (all), got {value!r}")
         if not 0 <= self.drop_path_prob < 1:
             raise ConfigError(f"drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
 
@@ -114,9 +118,14 @@ class CNNTrainTask(FixedGenotypeTask):
         config = self.config
         self.model.train()
         self.model.drop_path_prob = config.drop_path_prob * (epoch - 1) / config.epochs
-        steps = len(self.train_data[1]) // config.batch_size
+        # Every image every epoch, as the original's DataLoader; but a last batch of one image cannot be
+        # batch-normalised, so that one waits for the next epoch's shuffle.
+        n = len(self.train_data[1])
+        drop_last = n % config.batch_size == 1
+        steps = n // config.batch_size + (0 if drop_last or n % config.batch_size == 0 else 1)
         progress = EpochProgress(steps, f"epoch {epoch}", _accuracy_postfix)
-        for x, y in batches(*self.train_data, config.batch_size, self.generator, cutout_size=config.cutout_size):
+        for x, y in batches(*self.train_data, config.batch_size, self.generator, drop_last=drop_last,
+                            cutout_size=config.cutout_size):
             keep = self.train_step(x, y)
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()

@@ -231,12 +231,32 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     return task, history
 
 
+def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:
+    """The genotype a training starts from and its source (`shared.genotypes.resolve`: a published name, a JSON
+    file, a run folder). A run folder must hold a COMPLETED run, whose genotype.json is its final one; a file's
+    source is its absolute path."""
+    from shared.genotypes import GenotypeError, resolve
+
+    folder = Path(str(spec))
+    if folder.is_dir() and (folder / "run.json").is_file():
+        try:
+            status = json.loads((folder / "run.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            raise GenotypeError(f"{folder / 'run.json'} is unreadable: pass a genotype JSON file instead") from None
+        if status != "COMPLETED":
+            raise GenotypeError(f"{spec} is a {status} run: its genotype.json is that of its last finished epoch; "
+                                f"pass genotype_from={folder / 'genotype.json'} to train that cell anyway")
+    genotype, source = resolve(spec, space)
+    return genotype, source if source.startswith("published ") else str(Path(source).resolve())
+
+
 def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Callable[[], Any], genotype: Any,
                     source: str, metric: str, best: Callable[[Any], Any],
                     may_change: frozenset[str] = RESUMABLE_CHANGES) -> dict[str, Any]:
     """What a from-scratch training experiment does around its task: record the genotype and where it came from
     (run info `genotype`, `genotype_source`, artifact `genotype.json`) and the parameter count (`num_parameters`),
-    run the epochs (`run_tracked`), then test (metrics logged at the last epoch) and return the result."""
+    run the epochs (`run_tracked`), then test (metrics logged at the last epoch) and return the result. A run the
+    time limit stopped is not tested: its resumed run will be."""
     from shared.genotypes import to_dict
 
     run.info.update(genotype=to_dict(genotype), genotype_source=source)
@@ -249,12 +269,15 @@ def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Call
         return task
 
     task, history = run_tracked(run, config, build, may_change, search=False)
+    final = {metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history)}
+    if history[-1].epoch < config["epochs"]:
+        log.info("stopped after epoch %d of %d: no test; resume to finish", history[-1].epoch, config["epochs"])
+        return {"genotype_source": source, "num_parameters": run.info["num_parameters"], **final}
     test = task.test()
     for name, value in test.items():
         run.log_scalar(name, value, history[-1].epoch)
     log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
-    return {"genotype_source": source, "num_parameters": run.info["num_parameters"],
-            metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history), **test}
+    return {"genotype_source": source, "num_parameters": run.info["num_parameters"], **final, **test}
 
 
 def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:

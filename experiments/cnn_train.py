@@ -12,9 +12,9 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments._sacred import RESUMABLE_CHANGES, make_experiment, record_training, user_errors
+from experiments._sacred import (RESUMABLE_CHANGES, make_experiment, record_training, resolve_genotype,
+                                 user_errors)
 from shared.device import resolve_device
-from shared.genotypes import resolve
 
 ex = make_experiment("cnn_train")
 
@@ -84,7 +84,7 @@ def smoke() -> None:
 def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
          device: str, init_channels: int, layers: int, auxiliary: bool) -> dict[str, Any]:
     config = dict(_config)
-    genotype, source = resolve(genotype_from, "cnn")
+    genotype, source = resolve_genotype(genotype_from, "cnn")
 
     def build_task() -> CNNTrainTask:
         data = load_cifar10(data_dir)

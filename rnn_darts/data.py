@@ -134,9 +134,9 @@ def batchify(data: torch.Tensor, batch_size: int, device: torch.device | None = 
     """
     if data.dim() != 1:
         raise ValueError(f"batchify expects a 1-D token tensor, got shape {tuple(data.shape)}")
-    if batch_size < 1 or batch_size > data.numel():
-        raise ConfigError(f"batch_size={batch_size} does not fit a stream of {data.numel()} tokens; "
-                          f"use a batch size between 1 and {data.numel()}")
+    if batch_size < 1 or 2 * batch_size > data.numel():  # two rows: one input token and its target per column
+        raise ConfigError(f"batch_size={batch_size} does not fit a stream of {data.numel()} tokens (each column "
+                          f"needs two); use a batch size between 1 and {data.numel() // 2} or more tokens")
     rows = data.numel() // batch_size
     # (B*T,) -> (B, T): row b is the b-th stretch of text; transpose so time runs down the columns.
     batched = data[: rows * batch_size].view(batch_size, rows).t().contiguous()  # (T, B)

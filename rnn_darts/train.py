@@ -50,6 +50,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in ("train_tokens", "eval_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 1):
+                raise ConfigError(f"{name} must be a positive number of tokens or None (all), got {value!r}")
         for name in ("weight_decay", "beta", "max_seq_len_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")

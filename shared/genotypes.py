@@ -118,12 +118,14 @@ def from_dict(data: dict[str, Any]) -> Genotype:
         raise GenotypeError(f"a genotype must be a JSON object, got {type(data).__name__}")
     fields = dict(data)
     space = fields.pop("space", None)
-    if space not in _CLASSES:
+    if not isinstance(space, str) or space not in _CLASSES:
         raise GenotypeError(f"space must be one of {', '.join(_CLASSES)}, got {space!r}")
     cls = _CLASSES[space]
     try:
         return cls(**fields)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # a missing or extra field, or a value of the wrong type
+        if isinstance(error, GenotypeError):
+            raise
         raise GenotypeError(f"bad {space} genotype fields: {error}") from None
 
 

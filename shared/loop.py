@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from shared import checkpoint
-from shared.errors import UserFacingError
+from shared.errors import CheckpointError, UserFacingError
 from shared.genotypes import Genotype, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,11 @@ def capture(task: EpochTask, epoch: int, history: list[EpochRecord], config: dic
 
 
 def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
-    """Put the task back into a captured state; returns the epoch history it had."""
+    """Put the task back into a captured state; returns the epoch history it had. A training must train the
+    checkpoint's genotype (the same shapes may hold another cell's weights)."""
+    if isinstance(task, FixedGenotypeTask) and state["genotype"] != to_dict(task.genotype()):
+        raise CheckpointError(f"resume: the checkpoint trained the cell {state['genotype']}, but genotype_from now "
+                              f"gives {to_dict(task.genotype())}; resume with the genotype the run started from")
     task.model.load_state_dict(state["model"])
     for name, optimizer in task.optimizers().items():
         optimizer.load_state_dict(state[name])
@@ -214,4 +218,5 @@ def _recover(task: EpochTask, checkpoint_path: Path, epoch: int, reason: str) ->
     restore(task, state)
     raise Diverged(
         f"epoch {epoch} stopped: {reason}; the model is restored to the checkpoint of epoch {state['epoch']} "
-        f"({checkpoint_path}). Lower the learning rate or the gradient clip and resume with resume={checkpoint_path}")
+        f"({checkpoint_path}). Start a new run with a lower learning rate or gradient clip (resume={checkpoint_path} "
+        f"retries with the same config)")

@@ -119,6 +119,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one(space: Space, tmp_path: 
     whole = space.train(tmp_path, "epochs=2", runs=tmp_path / "whole")
     first = space.train(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
     assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
+    assert space.test_metric not in first.metrics(1)  # a run the time limit stopped is not tested
     resumed = space.train(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert resumed.returncode == 0, resumed.stderr
     for name in space.curves[:-1] + (space.test_metric,):  # all but the epoch time
@@ -140,6 +141,29 @@ def test_a_bad_genotype_source_is_one_clear_line(space: Space, spec: str, messag
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message.format(other=other, space=space.name) in result.stderr
     assert result.run_json()["status"] == "FAILED"
+
+
+@SPACES
+def test_a_resume_must_train_the_checkpoints_genotype(space: Space, tmp_path: Path) -> None:
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps(to_dict(published(space.name, "DARTS_V2"))))
+    first = space.train(tmp_path, "epochs=2", "time_limit=1e-9", f"genotype_from={path}")
+    assert first.returncode == 0, first.stderr
+    path.write_text(json.dumps(to_dict(published(space.name, "DARTS_V1"))))  # the file changed since
+    result = space.train(tmp_path, "epochs=2", f"genotype_from={path}", f"resume={first.run_dir(1)}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "resume: the checkpoint trained the cell" in result.stderr
+    assert "resume with the genotype the run started from" in result.stderr
+
+
+@SPACES
+def test_a_failed_search_run_folder_is_refused_in_one_line(space: Space, tmp_path: Path) -> None:
+    search = space.tiny_search(tmp_path, "epochs=0", runs=tmp_path / "searches")  # fails: epochs must be positive
+    assert search.run_json()["status"] == "FAILED"
+    result = space.train(tmp_path, f"genotype_from={search.run_dir()}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{search.run_dir()} is a FAILED run" in result.stderr
+    assert f"genotype_from={search.run_dir() / 'genotype.json'}" in result.stderr
 
 
 @SPACES

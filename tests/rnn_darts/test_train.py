@@ -129,8 +129,39 @@ def test_training_resumed_mid_run_equals_an_uninterrupted_run(corpus, tmp_path: 
     assert resumed_task.test() == whole_task.test()
 
 
+@pytest.mark.parametrize("cut_after", [2, 3, 4], ids=["before-the-switch", "at-the-switch", "while-averaging"])
+def test_a_resume_around_the_nt_asgd_switch_equals_an_uninterrupted_run(
+        corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_after: int) -> None:
+    # Validation losses by epoch, nonmono = 1: epoch 3 (2.5 > min(2.0)) starts the averaging from epoch 4 on.
+    losses, current = [2.0, 3.0, 2.5, 1.5, 1.0], {}
+    monkeypatch.setattr(train_module, "stream_loss", lambda model, data, bptt: losses[current["task"].epoch - 1])
+    from shared import checkpoint
+
+    def run(path: Path, resume=None, on_epoch_end=None) -> RNNTrainTask:
+        current["task"] = task = make_task(corpus, seed=1, nonmono=1)
+        run_epochs(task, 5, path, ListRecorder(), config={}, resume=resume, on_epoch_end=on_epoch_end)
+        return task
+
+    whole = run(tmp_path / "whole.pt")
+    assert whole.averaging_from == 4 and whole.average.count > 0 and whole.best["epoch"] == 5
+
+    def stop(record):
+        if record.epoch == cut_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", on_epoch_end=stop)
+    resumed = run(tmp_path / "resumed.pt", resume=checkpoint.load(tmp_path / "cut.pt"))
+    assert (resumed.averaging_from, resumed.valid_losses, resumed.average.count) == (
+        whole.averaging_from, whole.valid_losses, whole.average.count)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.average.mean, whole.average.mean))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.best["weights"], whole.best["weights"]))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.params, whole.params))
+
+
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("learning_rate", -1.0), ("nonmono", 0),
-                                          ("weight_decay", -1e-3), ("test_batch_size", True)])
+                                          ("weight_decay", -1e-3), ("test_batch_size", True),
+                                          ("train_tokens", 0), ("eval_tokens", -5)])
 def test_bad_training_values_name_the_field(field: str, value) -> None:
     with pytest.raises(ConfigError, match=f"^{field} must be"):
         TrainConfig(**{field: value})

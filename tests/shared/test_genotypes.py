@@ -69,6 +69,8 @@ def test_bad_cnn_genotypes_name_the_field(changes, message) -> None:
     ("[1, 2]", "must be a JSON object"),
     ('{"space": "gnn"}', "space must be one of"),
     ('{"space": "rnn", "recurrent": [["tanh", 0]]}', "bad rnn genotype fields"),
+    ('{"space": ["rnn"], "recurrent": [["tanh", 0]], "concat": [1]}', "space must be one of"),
+    ('{"space": "rnn", "recurrent": [["tanh", 0]], "concat": "x"}', "bad rnn genotype fields"),
 ])
 def test_bad_json_raises_clear_errors(text: str, message: str) -> None:
     with pytest.raises(GenotypeError, match=message):
