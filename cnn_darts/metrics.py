@@ -1,4 +1,5 @@
-"""Loss and accuracy of a classifier over a whole image set: what the search and the training evaluate with."""
+"""Loss and accuracy of a classifier: per epoch from summed batches, and over a whole image set (what the search and
+the training evaluate with)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,16 +12,25 @@ from cnn_darts.data import batches
 from shared.loop import Meter
 
 
+def accuracy_metrics(split: str, sums: dict[str, float]) -> dict[str, float]:
+    """`{split}_loss` (mean cross entropy) and `{split}_acc` from sums of `loss`, `correct` and `images`."""
+    return {f"{split}_loss": sums["loss"] / sums["images"], f"{split}_acc": sums["correct"] / sums["images"]}
+
+
+def progress_postfix(sums: dict[str, float]) -> dict[str, str]:
+    """The progress bar's loss and accuracy from an epoch's sums so far."""
+    return {"loss": f"{sums['loss'] / sums['images']:.3f}", "acc": f"{sums['correct'] / sums['images']:.3f}"}
+
+
 @torch.no_grad()
-def classify(logits_of: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, batch_size: int
+def classify(logits_of: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, batch_size: int, split: str
              ) -> dict[str, float]:
-    """Mean cross entropy and accuracy of `logits_of` (B, 3, H, W) -> (B, classes) over uint8 `images` (N, 3, H, W),
-    in order and unaugmented, the last batch included. Put the model in eval mode first."""
+    """`{split}_loss` and `{split}_acc` of `logits_of` (B, 3, H, W) -> (B, classes) over uint8 `images`
+    (N, 3, H, W), in order and unaugmented, the last batch included. Put the model in eval mode first."""
     meter = Meter()
     for x, y in batches(images, labels, batch_size, torch.Generator(), shuffle=False, drop_last=False,
                         augment=False):
         logits = logits_of(x)
         meter.add(loss=F.cross_entropy(logits, y, reduction="sum"), correct=(logits.argmax(1) == y).sum(),
                   images=len(y))
-    sums = meter.check()
-    return {"loss": sums["loss"] / sums["images"], "acc": sums["correct"] / sums["images"]}
+    return accuracy_metrics(split, meter.check())

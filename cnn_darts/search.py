@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnn_darts.data import ImageData, batches, split_search
-from cnn_darts.metrics import classify
+from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
@@ -45,10 +45,6 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.learning_rate_min <= self.learning_rate:
             raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
-
-
-def _accuracy_postfix(sums: dict[str, float]) -> dict[str, str]:
-    return {"loss": f"{sums['loss'] / sums['images']:.3f}", "acc": f"{sums['correct'] / sums['images']:.3f}"}
 
 
 class CNNSearchTask:
@@ -104,19 +100,18 @@ class CNNSearchTask:
         weight_batches = batches(*self.weight_data, config.batch_size, self.generator)
         arch_batches = batches(*self.arch_data, config.batch_size, self.generator)
         steps = min(len(self.weight_data[1]), len(self.arch_data[1])) // config.batch_size
-        progress = EpochProgress(steps, f"epoch {epoch}", _accuracy_postfix)
+        progress = EpochProgress(steps, f"epoch {epoch}", progress_postfix)
         for (x, y), (xa, ya) in zip(weight_batches, arch_batches):
             keep = self.train_step(x, y, xa, ya)
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
         sums = progress.close()
-        return {"train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"]}
+        return accuracy_metrics("train", sums)
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode."""
         self.model.eval()
-        result = classify(self.model, *self.arch_data, self.config.batch_size)
-        return {"valid_loss": result["loss"], "valid_acc": result["acc"]}
+        return classify(self.model, *self.arch_data, self.config.batch_size, "valid")
 
     def genotype(self) -> CNNGenotype:
         return self.model.genotype()

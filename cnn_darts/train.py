@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnn_darts.data import ImageData, batches
-from cnn_darts.metrics import classify
+from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.network import NetworkCIFAR, NetworkConfig
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
@@ -61,10 +61,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number of images or None (all), got {value!r}")
         if not 0 <= self.drop_path_prob < 1:
             raise ConfigError(f"drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
-
-
-def _accuracy_postfix(sums: dict[str, float]) -> dict[str, str]:
-    return {"loss": f"{sums['loss'] / sums['images']:.3f}", "acc": f"{sums['correct'] / sums['images']:.3f}"}
 
 
 Images = tuple[Tensor, Tensor]  # uint8 (N, 3, H, W), int64 (N,)
@@ -123,28 +119,25 @@ class CNNTrainTask(FixedGenotypeTask):
         n = len(self.train_data[1])
         drop_last = n % config.batch_size == 1
         steps = n // config.batch_size + (0 if drop_last or n % config.batch_size == 0 else 1)
-        progress = EpochProgress(steps, f"epoch {epoch}", _accuracy_postfix)
+        progress = EpochProgress(steps, f"epoch {epoch}", progress_postfix)
         for x, y in batches(*self.train_data, config.batch_size, self.generator, drop_last=drop_last,
                             cutout_size=config.cutout_size):
             keep = self.train_step(x, y)
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
         sums = progress.close()
-        return {"train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"],
-                "drop_path_prob": self.model.drop_path_prob}
+        return {**accuracy_metrics("train", sums), "drop_path_prob": self.model.drop_path_prob}
 
-    def _score(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+    def _score(self, data: Images, split: str) -> dict[str, float]:
         self.model.eval()
-        return classify(lambda x: self.model(x)[0], images, labels, self.config.eval_batch_size)
+        return classify(lambda x: self.model(x)[0], *data, self.config.eval_batch_size, split)
 
     def evaluate(self) -> dict[str, float]:
-        result = self._score(*self.valid_data)
-        return {"valid_loss": result["loss"], "valid_acc": result["acc"]}
+        return self._score(self.valid_data, "valid")
 
     def test(self) -> dict[str, float]:
         """Loss and accuracy on the test split with the final weights (as the original reports)."""
-        result = self._score(*self.test_data)
-        return {"test_loss": result["loss"], "test_acc": result["acc"]}
+        return self._score(self.test_data, "test")
 
     def num_parameters(self) -> int:
         """Without the auxiliary head, as the paper counts them."""

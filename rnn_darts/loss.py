@@ -6,6 +6,8 @@ penalises the size of the dropped outputs, TAR the change of the raw outputs bet
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,18 @@ def tar(outputs: Tensor, beta: float = 1e-3) -> Tensor:
 def ar(dropped_outputs: Tensor, alpha: float = 0.0) -> Tensor:
     """Activation regularisation: alpha * mean(h^2) over the outputs after the output dropout (T, B, H)."""
     return alpha * dropped_outputs.pow(2).mean()
+
+
+def perplexity_metrics(split: str, loss: float) -> dict[str, float]:
+    """`{split}_loss` (mean cross entropy per token) and `{split}_ppl`, its exp (capped to stay finite)."""
+    return {f"{split}_loss": loss, f"{split}_ppl": math.exp(min(loss, 700))}
+
+
+def progress_postfix(sums: dict[str, float]) -> dict[str, str]:
+    """The progress bar's loss and perplexity from an epoch's sums of `cross_entropy` (per window, times its
+    length) and `tokens`."""
+    loss = sums["cross_entropy"] / sums["tokens"]
+    return {"loss": f"{loss:.3f}", "ppl": f"{math.exp(min(loss, 50)):.1f}"}
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ architecture step and the weight step. Hidden states carry across windows, detac
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
-from rnn_darts.loss import language_model_loss, stream_loss, tar
+from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
@@ -72,11 +71,6 @@ def log_unigram(tokens: Tensor, ntoken: int) -> Tensor:
     """Log word frequencies with add-one smoothing, (ntoken,): the decoder bias of a model that knows no context."""
     counts = torch.bincount(tokens, minlength=ntoken).double() + 1
     return (counts / counts.sum()).log().float()
-
-
-def _ppl_postfix(sums: dict[str, float]) -> dict[str, str]:
-    loss = sums["cross_entropy"] / sums["tokens"]
-    return {"loss": f"{loss:.3f}", "ppl": f"{math.exp(min(loss, 50)):.1f}"}
 
 
 class RNNSearchTask:
@@ -142,7 +136,7 @@ class RNNSearchTask:
         hidden = model.init_hidden(config.batch_size)
         arch_hidden = model.init_hidden(config.batch_size)
         windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
-        progress, arch_pos = EpochProgress(len(windows), f"epoch {epoch}", _ppl_postfix), 0
+        progress, arch_pos = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix), 0
         for start, seq_len in windows:
             x, y = get_batch(self.train_data, start, seq_len)
             if arch_pos + 1 >= self.arch_data.size(0):  # the architecture stream wraps around: restart its state
@@ -154,13 +148,11 @@ class RNNSearchTask:
         for group in self.engine.weight_optimizer.param_groups:
             group["lr"] = config.learning_rate
         sums = progress.close()
-        loss = sums["cross_entropy"] / sums["tokens"]
-        return {"train_loss": loss, "train_ppl": math.exp(min(loss, 700))}
+        return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
 
     def evaluate(self) -> dict[str, float]:
         """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried."""
-        loss = stream_loss(self.model, self.valid_data, self.config.bptt)
-        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 700))}
+        return perplexity_metrics("valid", stream_loss(self.model, self.valid_data, self.config.bptt))
 
     # ---- what the loop records -----------------------------------------------------------------------------------
     def genotype(self) -> RNNGenotype:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
-from rnn_darts.loss import language_model_loss, stream_loss, tar
+from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
@@ -89,11 +89,6 @@ def swapped_weights(params: list[nn.Parameter], values: list[Tensor]) -> Iterato
             torch._foreach_copy_(params, own)
 
 
-def _ppl_postfix(sums: dict[str, float]) -> dict[str, str]:
-    loss = sums["cross_entropy"] / sums["tokens"]
-    return {"loss": f"{loss:.3f}", "ppl": f"{math.exp(min(loss, 50)):.1f}"}
-
-
 class RNNTrainTask(FixedGenotypeTask):
     """A derived recurrent network trained from scratch; implements `shared.loop.EpochTask`."""
 
@@ -136,7 +131,7 @@ class RNNTrainTask(FixedGenotypeTask):
         self.model.train()
         hidden = self.model.init_hidden(config.batch_size)
         windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
-        progress = EpochProgress(len(windows), f"epoch {epoch}", _ppl_postfix)
+        progress = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix)
         for start, seq_len in windows:
             x, y = get_batch(self.train_data, start, seq_len)
             hidden, cross_entropy = self.train_step(x, y, hidden)
@@ -144,8 +139,7 @@ class RNNTrainTask(FixedGenotypeTask):
         for group in self.optimizer.param_groups:
             group["lr"] = config.learning_rate
         sums = progress.close()
-        loss = sums["cross_entropy"] / sums["tokens"]
-        return {"train_loss": loss, "train_ppl": math.exp(min(loss, 700))}
+        return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
 
     # ---- evaluation and NT-ASGD ----------------------------------------------------------------------------------
     def evaluation_weights(self) -> list[Tensor]:
@@ -156,8 +150,7 @@ class RNNTrainTask(FixedGenotypeTask):
         """Validation loss and perplexity with the evaluation weights; then keep the best weights and apply the
         non-monotone trigger (from the next step on, the weights are averaged)."""
         weights = self.evaluation_weights()
-        with swapped_weights(self.params, weights):
-            loss = stream_loss(self.model, self.valid_data, self.config.bptt)
+        loss = self._loss_with(weights, self.valid_data)
         averaged = self.average is not None
         if loss < self.best["loss"]:
             self.best = {"loss": loss, "epoch": self.epoch, "weights": [w.clone() for w in weights]}
@@ -166,15 +159,18 @@ class RNNTrainTask(FixedGenotypeTask):
             self.average, self.averaging_from = WeightAverage(self.params), self.epoch + 1
         if not averaged:
             self.valid_losses.append(loss)
-        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 700)), "averaged": float(averaged)}
+        return {**perplexity_metrics("valid", loss), "averaged": float(averaged)}
 
     def test(self) -> dict[str, float]:
         """Test loss and perplexity (batch test_batch_size) with the weights of the best validation epoch (the
         running mean once NT-ASGD averages), as the original tests its best saved model."""
-        weights = self.best["weights"] or self.evaluation_weights()
+        return perplexity_metrics("test", self._loss_with(self.best["weights"] or self.evaluation_weights(),
+                                                          self.test_data))
+
+    def _loss_with(self, weights: list[Tensor], data: Tensor) -> float:
+        """Mean cross entropy over the batchified stream `data` with the parameters set to `weights`."""
         with swapped_weights(self.params, weights):
-            loss = stream_loss(self.model, self.test_data, self.config.bptt)
-        return {"test_loss": loss, "test_ppl": math.exp(min(loss, 700))}
+            return stream_loss(self.model, data, self.config.bptt)
 
     def num_parameters(self) -> int:
         return self.model.num_parameters()
