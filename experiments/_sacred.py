@@ -192,15 +192,18 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
 
 
 def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
-                may_change: frozenset[str] = RESUMABLE_CHANGES, search: bool = True) -> tuple[Any, list[Any]]:
+                may_change: frozenset[str] = RESUMABLE_CHANGES, genotype: Any = None) -> tuple[Any, list[Any]]:
     """What every search and training experiment does around its task: threads, seed, resume, checkpoint folder,
     the epoch loop, and the time limit (config `time_limit`, minutes from now: no epoch starts that would end after
-    it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). Returns the task and
+    it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). `genotype` is a
+    training's fixed cell (None for a search): no genotype history is recorded, and a resume must train the
+    checkpoint's cell, since `genotype_from` may now point at another one of the same shapes. Returns the task and
     the epoch records."""
     import torch
 
     from shared import checkpoint
-    from shared.errors import ConfigError
+    from shared.errors import CheckpointError, ConfigError
+    from shared.genotypes import to_dict
     from shared.loop import run_epochs
 
     started = time.monotonic()  # the time limit counts data loading too
@@ -216,6 +219,10 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
     if resume_state is not None:
         check_resume_config(resume_state["config"], config, may_change)
+        if genotype is not None and resume_state["genotype"] != to_dict(genotype):
+            raise CheckpointError(f"resume: the checkpoint trained the cell {resume_state['genotype']}, but "
+                                  f"genotype_from now gives {to_dict(genotype)}; resume with the genotype the run "
+                                  f"started from")
         if resume_state["epoch"] >= config["epochs"]:
             more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
             raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
@@ -223,7 +230,7 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
         run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
     folder = run_folder(run)
     task = build_task()
-    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder, search),
+    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder, genotype is None),
                          config, resume_state, deadline=None if limit is None else started + 60.0 * limit)
     if history and history[-1].epoch < config["epochs"]:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
@@ -268,22 +275,26 @@ def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Call
         log.info("genotype from %s; %s parameters", source, f"{task.num_parameters():,}")
         return task
 
-    task, history = run_tracked(run, config, build, may_change, search=False)
-    final = {metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history)}
+    task, history = run_tracked(run, config, build, may_change, genotype)
+    result = {"genotype_source": source, "num_parameters": run.info["num_parameters"],
+              **headline(history, metric, best)}
     if history[-1].epoch < config["epochs"]:
         log.info("stopped after epoch %d of %d: no test; resume to finish", history[-1].epoch, config["epochs"])
-        return {"genotype_source": source, "num_parameters": run.info["num_parameters"], **final}
+        return result
     test = task.test()
     for name, value in test.items():
         run.log_scalar(name, value, history[-1].epoch)
     log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
-    return {"genotype_source": source, "num_parameters": run.info["num_parameters"], **final, **test}
+    return {**result, **test}
+
+
+def headline(history: list[Any], metric: str, best: Callable[[Any], Any]) -> dict[str, Any]:
+    """The final and the best value of a run's headline metric."""
+    return {metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history)}
 
 
 def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:
     """The run's result: the final genotype, the final and the best value of its headline metric."""
     from shared.genotypes import to_dict
 
-    final = history[-1]
-    return {"genotype": to_dict(final.genotype), metric: final.metrics[metric],
-            f"best_{metric}": best(r.metrics[metric] for r in history)}
+    return {"genotype": to_dict(history[-1].genotype), **headline(history, metric, best)}
