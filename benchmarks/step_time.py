@@ -11,6 +11,11 @@ working memory is that peak less the process's peak before the first step (Pytho
 gives the median after warm-up, each mode's ratio to plain (of medians, and the median of per-round ratios) and, on
 CPU at the default config, the ratio to the original DARTS code measured on the same kind of machine
 (../shared/reference/original-darts.md).
+
+Each mode's floor is measured in the same rounds: a mode runs the real weight step (= plain) plus gradient passes
+(forward + backward into the weights, the alphas or both; `FLOORS`), and no implementation of the same algorithm
+can take less than their sum. A mode's ratio over its floor is the engine's own overhead; a target below the floor
+is out of reach for the algorithm on that machine and config, whatever the engine does.
 """
 from __future__ import annotations
 
@@ -28,7 +33,17 @@ from typing import Any, Callable
 
 import torch
 
+from shared.bilevel import LossFn
+
+Step = Callable[[], None]
+
 MODES = ("plain", "first", "second", "exact")
+# The gradient passes the modes are made of: forward + backward of the training loss into these parameters.
+PASSES = ("weights", "alphas", "both")
+# What each mode runs besides the real weight step (= plain): the passes of its algorithm, nothing else. Their
+# timed sum is the mode's floor; the rest of a mode's time is the engine's own work (virtual step, norms, copies).
+FLOORS = {"first": {"alphas": 1},  # grad_alpha L_val(w)
+          "second": {"weights": 1, "both": 1, "alphas": 2}}  # grad_w L_train(w); L_val(w') both; the +-eps passes
 # The original code, minimally ported to torch 2.13, CPU, 2 threads, batch 16: (low, high) seconds per step.
 ORIGINAL_CPU = {
     "rnn": {"plain": (0.81, 0.81), "first": (1.50, 1.66), "second": (3.58, 3.79)},
@@ -43,7 +58,7 @@ TARGET_VS_ORIGINAL = 0.7
 
 
 # ---- one mode's step ---------------------------------------------------------------------------------------------
-def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Callable[[], None]:
+def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Any, Step, Callable[[], LossFn]]:
     from rnn_darts.data import synthetic_corpus
     from rnn_darts.search import RNNSearchTask, SearchConfig
     from rnn_darts.supernet import SupernetConfig
@@ -59,10 +74,10 @@ def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Calla
         state["hidden"], state["arch_hidden"], _ = task.train_step(x, y, state["hidden"], xa, ya,
                                                                    state["arch_hidden"])
 
-    return step
+    return task, step, lambda: task.loss(x, y, state["hidden"], True)
 
 
-def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Callable[[], None]:
+def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Any, Step, Callable[[], LossFn]]:
     from cnn_darts.data import synthetic_images
     from cnn_darts.search import CNNSearchTask, SearchConfig
     from cnn_darts.supernet import SupernetConfig
@@ -74,17 +89,40 @@ def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> Calla
     generator = torch.Generator().manual_seed(0)
     x, xa = (torch.randn(args.batch, 3, 32, 32, generator=generator).to(device) for _ in range(2))
     y, ya = (torch.randint(10, (args.batch,), generator=generator).to(device) for _ in range(2))
-    return lambda: task.train_step(x, y, xa, ya)
+    return task, lambda: task.train_step(x, y, xa, ya), lambda: task.loss(x, y)
 
 
-def build_step(args: argparse.Namespace, mode: str) -> tuple[Callable[[], None], torch.device]:
+def gradient_pass(task: Any, loss: Callable[[], LossFn], into: str) -> Step:
+    """One forward and backward of the training loss into the weights, the alphas or both (`PASSES`): the units the
+    engine's modes are made of, timed alone for each mode's floor."""
+    from torch.func import functional_call
+
+    engine = task.engine
+    wants = {"weights": into in ("weights", "both"), "alphas": into in ("alphas", "both")}
+
+    def run() -> None:
+        tensors, inputs = {}, []
+        for kind, named in (("weights", engine.weights), ("alphas", engine.alphas)):
+            for name, p in named:
+                tensors[name] = p if wants[kind] else p.detach()
+                inputs += [p] if wants[kind] else []
+        value = loss()(lambda *a, **k: functional_call(task.model, tensors, a, k))
+        torch.autograd.grad(value, inputs, allow_unused=True)
+
+    return run
+
+
+def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device]:
+    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`)."""
     from shared.device import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return (rnn_step if args.task == "rnn" else cnn_step)(args, mode, device), device
+    mode, _, into = name.partition(":")
+    task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if into else mode, device)
+    return (gradient_pass(task, loss, into) if into else step), device
 
 
 def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -122,8 +160,8 @@ def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, d
             step()
             sync()
             times[mode].append(time.perf_counter() - started)
-    result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t)}
-              for mode, t in times.items()}
+    result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t),
+                     "times_s": t} for mode, t in times.items()}
     if "plain" in times:
         for mode, t in times.items():
             result[mode]["x_plain_paired"] = statistics.median(a / b for a, b in zip(t, times["plain"]))
@@ -169,19 +207,38 @@ def summarise(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dic
     return checks
 
 
+def add_floors(modes: dict[str, dict[str, Any]], passes: dict[str, dict[str, Any]]) -> None:
+    """Each mode's floor: plain plus the gradient passes its algorithm runs (`FLOORS`), over plain; what a mode
+    takes above it is the engine's own work."""
+    if not passes:
+        return
+    for mode, runs in FLOORS.items():
+        if mode in modes:
+            for stat, key in (("median_s", "floor_x_plain"), ("times_s", "floor_x_plain_paired")):
+                plain, parts = modes["plain"][stat], [(count, passes[into][stat]) for into, count in runs.items()]
+                if stat == "median_s":
+                    modes[mode][key] = (plain + sum(n * t for n, t in parts)) / plain
+                else:  # per round, as x_plain_paired
+                    modes[mode][key] = statistics.median(
+                        (p + sum(n * t[r] for n, t in parts)) / p for r, p in enumerate(plain))
+
+
 def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
     unit = "GPU MiB (peak allocated)" if result["device"].startswith("cuda") else "MiB (peak RSS)"
     print(f"{args.task} step time, {result['device']}, torch {result['torch']}, "
           f"{', '.join(f'{k} {v}' for k, v in result['config'].items())}")
-    print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'paired':>8}{'x original':>12}"
+    print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'paired':>8}{'floor':>7}{'x original':>12}"
           f"{unit:>26}{'working':>9}")
     for mode, f in result["modes"].items():
         spread = f"{f['min_s']:.3f}-{f['max_s']:.3f}"
-        ratio = f"{f['x_plain']:.2f}" if "x_plain" in f else "-"
-        paired = f"{f['x_plain_paired']:.2f}" if "x_plain_paired" in f else "-"
-        orig = f"{f['x_original']:.2f}" if "x_original" in f else "-"
-        print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{paired:>8}{orig:>12}"
+        ratio, paired, floor, orig = (f"{f[key]:.2f}" if key in f else "-"
+                                      for key in ("x_plain", "x_plain_paired", "floor_x_plain_paired", "x_original"))
+        print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{paired:>8}{floor:>7}{orig:>12}"
               f"{f['peak_memory_mb']:>26.0f}{f['working_memory_mb']:>9.0f}")
+    if result["passes"]:
+        print("gradient passes (forward + backward into): " + ", ".join(
+            f"{into} {f['median_s']:.3f} s" for into, f in result["passes"].items())
+            + "; floor = plain + the passes of the mode's algorithm, over plain (per round)")
     for name, check in result["checks"].items():
         print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
 
@@ -239,12 +296,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     names = args.modes.split(",")
     memory = {mode: child_memory(argv, mode) for mode in names}
-    modes = {mode: {**figures, **memory[mode]} for mode, figures in interleaved_times(args, names).items()}
+    passes = [f"pass:{into}" for into in PASSES] if "plain" in names and set(names) & set(FLOORS) else []
+    timed = interleaved_times(args, names + passes)
+    modes = {mode: {**timed[mode], **memory[mode]} for mode in names}
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
     config.update(threads=args.threads, warmup=args.warmup, steps_timed=args.steps_timed)
     result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,
-              "config": config, "date": datetime.date.today().isoformat()}
+              "config": config, "date": datetime.date.today().isoformat(),
+              "passes": {name.partition(":")[2]: timed[name] for name in passes}}
     result["checks"] = summarise(args, modes)
+    add_floors(modes, result["passes"])
     print_table(args, result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

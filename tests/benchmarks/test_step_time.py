@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -32,7 +33,34 @@ def test_benchmark_writes_every_mode_with_ratios_and_checks(tmp_path: Path, task
     assert "x_original" not in result["modes"]["plain"]  # toy sizes are not the original's configuration
     assert set(result["checks"]) == {"first <= 1.7 x plain", "second <= 4.0 x plain", "exact <= 4.5 x plain",
                                      "second peak memory <= 1.2 x plain"}
-    assert "median s" in proc.stdout and "plain" in proc.stdout
+    # The floors: plain plus the timed gradient passes of each mode's algorithm.
+    passes = {into: f["median_s"] for into, f in result["passes"].items()}
+    assert set(passes) == {"weights", "alphas", "both"} and all(t > 0 for t in passes.values())
+    plain = result["modes"]["plain"]["median_s"]
+    assert result["modes"]["first"]["floor_x_plain"] == pytest.approx((plain + passes["alphas"]) / plain)
+    assert result["modes"]["second"]["floor_x_plain"] == pytest.approx(
+        (plain + passes["weights"] + passes["both"] + 2 * passes["alphas"]) / plain)
+    assert "floor_x_plain" not in result["modes"]["exact"]
+    rounds = list(zip(result["modes"]["plain"]["times_s"], *(result["passes"][i]["times_s"] for i in passes)))
+    assert result["modes"]["first"]["floor_x_plain_paired"] == pytest.approx(
+        sorted((p + a) / p for p, _, a, _ in rounds)[1])  # the median of 3 rounds
+    assert "median s" in proc.stdout and "plain" in proc.stdout and "gradient passes" in proc.stdout
+
+
+@pytest.mark.parametrize("into, weights, alphas", [("weights", True, False), ("alphas", False, True),
+                                                   ("both", True, True)])
+def test_gradient_passes_ask_for_exactly_their_parameters(monkeypatch: pytest.MonkeyPatch, into: str, weights: bool,
+                                                         alphas: bool) -> None:
+    from benchmarks.step_time import build_step, parse_args
+
+    asked: list[set[tuple[int, ...]]] = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **kw: asked.append(
+        {tuple(p.shape) for p in inputs}) or grad(out, inputs, **kw))
+    step, _ = build_step(parse_args(["--task", "rnn", *TOY["rnn"], "--threads", "1"]), f"pass:{into}")
+    step()
+    # toy shapes: the embedding (40, 6) is a weight, the alphas (3 edges, 5 ops) the architecture
+    assert asked and ((40, 6) in asked[0]) == weights and ((3, 5) in asked[0]) == alphas
 
 
 def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
