@@ -93,21 +93,16 @@ def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple
 
 
 def gradient_pass(task: Any, loss: Callable[[], LossFn], into: str) -> Step:
-    """One forward and backward of the training loss into the weights, the alphas or both (`PASSES`): the units the
-    engine's modes are made of, timed alone for each mode's floor."""
-    from torch.func import functional_call
-
+    """One forward and backward of the training loss into the weights, the alphas or both (`PASSES`), run as the
+    engine runs its passes: the units its modes are made of, timed alone for each mode's floor."""
     engine = task.engine
-    wants = {"weights": into in ("weights", "both"), "alphas": into in ("alphas", "both")}
+    weights, alphas = into in ("weights", "both"), into in ("alphas", "both")
 
     def run() -> None:
-        tensors, inputs = {}, []
-        for kind, named in (("weights", engine.weights), ("alphas", engine.alphas)):
-            for name, p in named:
-                tensors[name] = p if wants[kind] else p.detach()
-                inputs += [p] if wants[kind] else []
-        value = loss()(lambda *a, **k: functional_call(task.model, tensors, a, k))
-        torch.autograd.grad(value, inputs, allow_unused=True)
+        w = {n: p if weights else p.detach() for n, p in engine.weights}
+        a = {n: p if alphas else p.detach() for n, p in engine.alphas}
+        inputs = [p for p in w.values() if p.requires_grad] + [p for p in a.values() if p.requires_grad]
+        torch.autograd.grad(loss()(engine.forward_with(w, a)), inputs, allow_unused=True)
 
     return run
 
@@ -208,19 +203,20 @@ def summarise(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dic
 
 
 def add_floors(modes: dict[str, dict[str, Any]], passes: dict[str, dict[str, Any]]) -> None:
-    """Each mode's floor: plain plus the gradient passes its algorithm runs (`FLOORS`), over plain; what a mode
-    takes above it is the engine's own work."""
+    """Each mode's floor: plain plus the gradient passes its algorithm runs (`FLOORS`), over plain, of the medians
+    and per round (as x_plain_paired); what a mode takes above it is the engine's own work."""
     if not passes:
         return
+    plain = modes["plain"]
+
+    def floor(runs: dict[str, int], pick: Callable[[dict[str, Any]], float]) -> float:
+        return (pick(plain) + sum(n * pick(passes[into]) for into, n in runs.items())) / pick(plain)
+
     for mode, runs in FLOORS.items():
         if mode in modes:
-            for stat, key in (("median_s", "floor_x_plain"), ("times_s", "floor_x_plain_paired")):
-                plain, parts = modes["plain"][stat], [(count, passes[into][stat]) for into, count in runs.items()]
-                if stat == "median_s":
-                    modes[mode][key] = (plain + sum(n * t for n, t in parts)) / plain
-                else:  # per round, as x_plain_paired
-                    modes[mode][key] = statistics.median(
-                        (p + sum(n * t[r] for n, t in parts)) / p for r, p in enumerate(plain))
+            modes[mode]["floor_x_plain"] = floor(runs, lambda f: f["median_s"])
+            modes[mode]["floor_x_plain_paired"] = statistics.median(
+                floor(runs, lambda f: f["times_s"][r]) for r in range(len(plain["times_s"])))
 
 
 def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:

@@ -159,7 +159,7 @@ class Bilevel:
     # ---- gradients -----------------------------------------------------------------------------------------------
     def _first_order(self, valid_loss: LossFn) -> ArchGradient:
         weights = {n: p.detach() for n, p in self.weights}  # detached: no weight gradients are built or kept
-        loss = valid_loss(self._forward(weights, dict(self.alphas)))
+        loss = valid_loss(self.forward_with(weights, dict(self.alphas)))
         grads = _grad(loss, [a for _, a in self.alphas])
         return ArchGradient(list(grads), loss.detach())
 
@@ -169,13 +169,13 @@ class Bilevel:
         # 1. training gradient at w, for the virtual step (kept differentiable in alpha for the exact product)
         w = {n: p.detach().requires_grad_() for n, p in self.weights}
         alpha_in = dict(self.alphas) if exact else {n: a.detach() for n, a in self.alphas}
-        loss = train_loss(self._forward(w, alpha_in))
+        loss = train_loss(self.forward_with(w, alpha_in))
         g_train = _grad(loss, list(w.values()), create_graph=exact)
         # 2. w' and the validation gradients there
         step = [g.detach() for g in g_train]
         self.reduce(step)
         w_prime = {n: t.requires_grad_() for n, t in zip(w, self.virtual_step(step))}
-        loss_val = valid_loss(self._forward(w_prime, dict(self.alphas)))
+        loss_val = valid_loss(self.forward_with(w_prime, dict(self.alphas)))
         grads = _grad(loss_val, alphas + list(w_prime.values()))
         g_alpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
         self.reduce(v)
@@ -197,7 +197,7 @@ class Bilevel:
         for sign in (1.0, -1.0):
             shifted = {n: p.detach() + (sign * eps) * ui for (n, p), ui in zip(self.weights, u)}
             with random.replay():  # the same dropout masks as the training pass at w
-                loss = train_loss(self._forward(shifted, dict(self.alphas)))
+                loss = train_loss(self.forward_with(shifted, dict(self.alphas)))
             sides.append(_grad(loss, alphas))
         return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
 
@@ -246,7 +246,8 @@ class Bilevel:
     def _learning_rates(self) -> list[float]:
         return [g["lr"] for g in self.weight_optimizer.param_groups for _ in g["params"]]
 
-    def _forward(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
-        """The model as a function of the given tensors; buffers are copies, so BatchNorm statistics stay put."""
+    def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
+        """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the
+        engine runs it; buffers are copies, so BatchNorm statistics stay put."""
         tensors = {**{n: b.clone() for n, b in self.model.named_buffers()}, **weights, **alphas}
         return lambda *args, **kwargs: functional_call(self.model, tensors, args, kwargs)
