@@ -20,7 +20,7 @@ from cnn_darts.supernet import Supernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
-from shared.loop import EpochProgress
+from shared.loop import EpochProgress, SchedulerGeneratorState
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class SearchConfig:
             raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
 
 
-class CNNSearchTask:
+class CNNSearchTask(SchedulerGeneratorState):
     """DARTS on the convolutional search space; implements `shared.loop.EpochTask`."""
 
     def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
@@ -124,10 +124,3 @@ class CNNSearchTask:
 
     def alpha_softmax(self) -> dict[str, Tensor]:
         return self.model.alpha_softmax()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])

@@ -12,7 +12,6 @@ holds N training images out (drawn from the seed) for validation, so the test sp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.network import NetworkCIFAR, NetworkConfig
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
-from shared.loop import EpochProgress, FixedGenotypeTask
+from shared.loop import EpochProgress, FixedGenotypeTask, SchedulerGeneratorState
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def split_holdout(data: ImageData, config: TrainConfig, seed: int, device: torch
     return (images[kept], labels[kept]), (images[held], labels[held]), test
 
 
-class CNNTrainTask(FixedGenotypeTask):
+class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
     """A derived convolutional network trained from scratch; implements `shared.loop.EpochTask`."""
 
     def __init__(self, data: ImageData, genotype: CNNGenotype, model_config: NetworkConfig, config: TrainConfig,
@@ -142,11 +141,3 @@ class CNNTrainTask(FixedGenotypeTask):
     def num_parameters(self) -> int:
         """Without the auxiliary head, as the paper counts them."""
         return self.model.num_parameters()
-
-    # ---- what the loop checkpoints --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])

@@ -76,6 +76,21 @@ class FixedGenotypeTask:
         return {"weight_optimizer": self.optimizer}
 
 
+class SchedulerGeneratorState:
+    """`state_dict` / `load_state_dict` of a task whose own checkpointed state is its learning-rate scheduler
+    (`self.scheduler`) and its data generator (`self.generator`: shuffling, augmentation)."""
+
+    scheduler: Any
+    generator: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+
+
 @dataclass
 class EpochRecord:
     epoch: int  # 1-based
