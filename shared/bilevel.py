@@ -6,13 +6,16 @@ architecture parameters alpha (the architecture optimizer's). A task hands the e
 L_train and L_val at shifted weights through `torch.func.functional_call` without copying the model:
 
     first:  grad_alpha L_val(w, alpha)
-    second: grad_alpha L_val(w', alpha) - xi * [grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)] / (2 eps)
-            w' = one virtual step of the real weight optimizer, v = grad_w' L_val(w', alpha), eps = r / ||v||  (eq. 6-7)
-    exact:  the same with the Hessian-vector product grad_alpha (grad_w L_train(w) . xi v) by double backward.
+    second: grad_alpha L_val(w', alpha) - [grad_alpha L_train(w + eps u) - grad_alpha L_train(w - eps u)] / (2 eps)
+            w' = one virtual step of the real weight optimizer from g = grad_w L_train(w, alpha), clipped like the
+            real step; v = grad_w' L_val(w', alpha); u = -(dw'/dg)^T v; eps = r / ||u||  (eq. 6-7)
+    exact:  the same with the Hessian-vector product grad_alpha (grad_w L_train(w) . u) by double backward.
 
-xi is the learning rate of each weight's parameter group, read from the optimizer at call time (schedulers and
-per-step rescaling apply). The finite difference is taken along u = xi * v with eps = r / ||u||: with one learning
-rate these are exactly the paper's points w +- (r / ||v||) v, and with several groups it stays the right product.
+u is the vector-Jacobian product of the weight optimizer's step (shared.virtual_step) with the clip factor held
+constant, so it honours clipping, momentum, weight decay, Adam's moments and per-group learning rates alike. For
+plain SGD with learning rate xi and no clipping u = xi * v, and the points w +- eps u are exactly the paper's
+w +- (r / ||v||) v. The learning rates are read from the optimizer at call time (schedulers and per-step rescaling
+apply).
 
 An architecture step leaves the model's weights, buffers (BatchNorm statistics run on copies) and the weight
 optimizer's state untouched, and the +-eps passes replay the random draws (dropout masks) of the training pass that
@@ -20,7 +23,6 @@ defined w', so finite difference and double backward differentiate the same func
 """
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from shared.errors import ConfigError
+from shared.virtual_step import check_differentiable, unrolled_step
 
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], Tensor]
@@ -74,14 +77,6 @@ def _grad(output: Tensor, inputs: list[Tensor], create_graph: bool = False) -> l
                                     materialize_grads=True))
 
 
-def clip_coefficient(grads: Sequence[Tensor], max_norm: float | None) -> Tensor | float:
-    """The factor `torch.nn.utils.clip_grad_norm_` would scale these gradients by."""
-    if max_norm is None:
-        return 1.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
-
-
 class _RandomReplay:
     """Snapshot of the RNG streams a forward pass may draw from, to replay the same dropout masks."""
 
@@ -120,6 +115,8 @@ class Bilevel:
         self.alphas = [(names[id(p)], p) for g in arch_optimizer.param_groups for p in g["params"]]
         if {n for n, _ in self.weights} & {n for n, _ in self.alphas}:
             raise ConfigError("a parameter is in both the weight and the architecture optimizer")
+        if config.order != "first":
+            check_differentiable(weight_optimizer)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The two optimizers by the names a checkpoint keeps them under."""
@@ -174,17 +171,18 @@ class Bilevel:
         # 2. w' and the validation gradients there
         step = [g.detach() for g in g_train]
         self.reduce(step)
-        w_prime = {n: t.requires_grad_() for n, t in zip(w, self.virtual_step(step))}
+        w_prime, pullback = unrolled_step(self.weight_optimizer, step, self.config.grad_clip)
+        w_prime = {n: t.requires_grad_() for n, t in zip(w, w_prime)}
         loss_val = valid_loss(self.forward_with(w_prime, dict(self.alphas)))
         grads = _grad(loss_val, alphas + list(w_prime.values()))
         g_alpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
         self.reduce(v)
-        # 3. the Hessian-vector product along u = xi * v
-        u = [lr * vi for lr, vi in zip(self._learning_rates(), v)]
+        # 3. the Hessian-vector product along u = -(dw'/dg)^T v
+        u = pullback(v)
         if exact:
             hvp = _grad(sum((g * ui).sum() for g, ui in zip(g_train, u)), alphas)
         else:
-            del g_train, step, w, w_prime, grads, v  # free three weight-sized copies before the two passes
+            del g_train, step, w, w_prime, grads, v, pullback  # free weight-sized copies before the two passes
             hvp = self._finite_difference(train_loss, u, random)
         return ArchGradient([g - h for g, h in zip(g_alpha, hvp)], loss_val.detach())
 
@@ -202,49 +200,10 @@ class Bilevel:
         return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
 
     # ---- the virtual weight step ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def virtual_step(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """The weights one step of the real weight optimizer would produce from `grads` (clipped like the real
         step), computed out of place: parameters and optimizer state stay as they are."""
-        coef = clip_coefficient(grads, self.config.grad_clip)
-        grads = [g * coef for g in grads]
-        if type(self.weight_optimizer) is torch.optim.SGD:
-            return self._sgd_step(grads)
-        return self._generic_step(grads)
-
-    def _sgd_step(self, grads: list[Tensor]) -> list[Tensor]:
-        """torch.optim.SGD's update written out (momentum, dampening, nesterov, weight decay, maximize)."""
-        out, grads_iter = [], iter(grads)
-        for group in self.weight_optimizer.param_groups:
-            mu, damp, decay = group["momentum"], group["dampening"], group["weight_decay"]
-            for p in group["params"]:
-                d = next(grads_iter)
-                d = -d if group.get("maximize", False) else d
-                if decay:
-                    d = d + decay * p
-                if mu:
-                    buf = self.weight_optimizer.state.get(p, {}).get("momentum_buffer")
-                    buf = d if buf is None else mu * buf + (1 - damp) * d
-                    d = d + mu * buf if group["nesterov"] else buf
-                out.append(p - group["lr"] * d)
-        return out
-
-    def _generic_step(self, grads: list[Tensor]) -> list[Tensor]:
-        """Any other optimizer: step a twin over copies of the weights, loaded with a copy of the real state."""
-        copies = [p.detach().clone() for _, p in self.weights]
-        for c, g in zip(copies, grads):
-            c.grad = g
-        groups, it = [], iter(copies)
-        for group in self.weight_optimizer.param_groups:
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": [next(it) for _ in group["params"]]})
-        twin = type(self.weight_optimizer)(groups)
-        twin.load_state_dict(copy.deepcopy(self.weight_optimizer.state_dict()))
-        twin.step()
-        return copies
-
-    def _learning_rates(self) -> list[float]:
-        return [g["lr"] for g in self.weight_optimizer.param_groups for _ in g["params"]]
+        return unrolled_step(self.weight_optimizer, grads, self.config.grad_clip)[0]
 
     def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
         """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import pytest
 import torch
@@ -46,12 +47,22 @@ class MixedNet(nn.Module):
         return self.out(self.norm(self.drop(h)))
 
 
-def _setup(batchnorm: bool = False, momentum: float = 0.9, decay: float = 1e-2, clip: float | None = None,
-           order: str = "second", dtype: torch.dtype = torch.float64):
+Factory = Callable[[MixedNet], torch.optim.Optimizer]
+
+
+def _sgd(model: MixedNet) -> torch.optim.Optimizer:
+    return torch.optim.SGD(_weights(model), lr=0.3, momentum=0.9, weight_decay=1e-2)
+
+
+def _weights(model: MixedNet) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n != "alphas"]
+
+
+def _setup(batchnorm: bool = False, clip: float | None = None, order: str = "second",
+           dtype: torch.dtype = torch.float64, factory: Factory = _sgd, fd_radius: float = 0.01):
     torch.manual_seed(0)
     model = MixedNet(batchnorm).to(dtype)
-    weights = [p for n, p in model.named_parameters() if n != "alphas"]
-    w_opt = torch.optim.SGD(weights, lr=0.3, momentum=momentum, weight_decay=decay)
+    w_opt = factory(model)
     a_opt = torch.optim.Adam([model.alphas], lr=3e-3)
     data = {k: (torch.randn(8, 3, dtype=dtype), torch.randn(8, 2, dtype=dtype)) for k in ("train", "valid")}
 
@@ -59,28 +70,40 @@ def _setup(batchnorm: bool = False, momentum: float = 0.9, decay: float = 1e-2, 
         x, y = data[split]
         return lambda forward: ((forward(x) - y) ** 2).mean()
 
-    engine = Bilevel(model, w_opt, a_opt, BilevelConfig(order=order, grad_clip=clip))
+    engine = Bilevel(model, w_opt, a_opt, BilevelConfig(order=order, grad_clip=clip, fd_radius=fd_radius))
     for _ in range(3):  # fill the momentum buffers, so the virtual step has real optimizer state to honour
         engine.weight_step(loss_on("train"))
     return model, engine, loss_on
 
 
-def _reference_hypergradient(model: MixedNet, engine: Bilevel, loss_on) -> Tensor:
-    """d/dalpha L_val(w'(alpha), alpha), w' = SGD step with momentum and decay, by plain autograd (create_graph)."""
+def _reference_hypergradient(model: MixedNet, engine: Bilevel, loss_on, clip: float | None = None) -> Tensor:
+    """d/dalpha L_val(w'(alpha), alpha) by plain autograd through the whole unrolled objective: g(alpha) with
+    create_graph, clipped by a constant factor, then stepped by torch's own optimizer with differentiable=True over
+    non-leaf copies of the weights and a copy of the real optimizer's state (independent of the engine's step)."""
     opt = engine.weight_optimizer
-    group = opt.param_groups[0]
     names = [n for n, _ in engine.weights]
-    params = [p for _, p in engine.weights]
     alpha = model.alphas
-    w = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+    w = {n: p.detach().requires_grad_() for n, p in engine.weights}
     loss = loss_on("train")(lambda x: functional_call(model, {**w, "alphas": alpha}, (x,)))
     grads = torch.autograd.grad(loss, list(w.values()), create_graph=True, allow_unused=True, materialize_grads=True)
-    w_prime = {}
-    for n, p, g in zip(names, params, grads):
-        d = g + group["weight_decay"] * p.detach()
-        buf = opt.state[p]["momentum_buffer"]
-        w_prime[n] = p.detach() - group["lr"] * (group["momentum"] * buf + d)
-    loss_val = loss_on("valid")(lambda x: functional_call(model, {**w_prime, "alphas": alpha}, (x,)))
+    coef = 1.0
+    if clip is not None:
+        norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
+        coef = min(1.0, clip / (norm.item() + 1e-6))
+    copies, it = [t.clone() for t in w.values()], iter(range(len(names)))
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [copies[next(it)] for _ in group["params"]]} for group in opt.param_groups]
+    twin = type(opt)(groups, differentiable=True)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for group in twin.param_groups:  # loading the state brought the real groups' flags back
+        group.update(differentiable=True, foreach=False)
+    for state in twin.state.values():  # Adam's differentiable path takes its bias corrections in the step's dtype
+        if "step" in state:
+            state["step"] = state["step"].to(torch.float64)
+    for c, g in zip(copies, grads):
+        c.grad = coef * g
+    twin.step()
+    loss_val = loss_on("valid")(lambda x: functional_call(model, {**dict(zip(names, copies)), "alphas": alpha}, (x,)))
     return torch.autograd.grad(loss_val, alpha)[0]
 
 
@@ -105,6 +128,52 @@ def test_finite_difference_and_exact_match_autograd_reference_with_dropout() -> 
     assert _relative_error(fd, ex) < 1e-3
     first = Bilevel(model, engine.weight_optimizer, engine.arch_optimizer, BilevelConfig(order="first"))
     assert _relative_error(_engine_gradient(first, loss_on, seed=11), reference) > 1e-2  # the test can tell orders
+
+
+# Weight optimizers the engine differentiates, with the options that change dw'/dg; a group each for the input and
+# the output layer where two groups are named.
+OPTIMIZERS: dict[str, Factory] = {
+    "sgd": lambda m: torch.optim.SGD(_weights(m), lr=0.3),
+    "sgd-momentum-decay": _sgd,
+    "sgd-dampening": lambda m: torch.optim.SGD(_weights(m), lr=0.3, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+    "sgd-nesterov": lambda m: torch.optim.SGD(_weights(m), lr=0.2, momentum=0.8, nesterov=True, weight_decay=1e-2),
+    "sgd-two-groups": lambda m: torch.optim.SGD([
+        {"params": list(m.inp.parameters()), "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-2},
+        {"params": list(m.out.parameters()), "lr": 0.05, "momentum": 0.5, "nesterov": True}]),
+    "adam": lambda m: torch.optim.Adam(_weights(m), lr=1e-2, weight_decay=1e-3),
+    "adamw-amsgrad-two-groups": lambda m: torch.optim.AdamW([
+        {"params": list(m.inp.parameters()), "lr": 1e-2, "amsgrad": True},
+        {"params": list(m.out.parameters()), "lr": 3e-2, "betas": (0.5, 0.9), "weight_decay": 0.1}]),
+}
+ACTIVE_CLIP = 0.02  # the setup's training gradient has norm ~0.5-2: clipped by a factor of 0.01-0.05
+
+
+@pytest.mark.parametrize("order, fd_radius, tolerance", [("second", 1e-5, 1e-6), ("exact", 0.01, 1e-9)])
+@pytest.mark.parametrize("clip", [None, 1e3, ACTIVE_CLIP], ids=["no-clip", "clip-inactive", "clip-active"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_hypergradient_equals_autograd_through_the_unrolled_step(name: str, clip: float | None, order: str,
+                                                                 fd_radius: float, tolerance: float) -> None:
+    """Float64, dropout on: the engine's second (finite difference) and exact orders against autograd through
+    L_val(step(w, c * g(alpha)), alpha), the clip factor c constant, for every optimizer option above."""
+    model, engine, loss_on = _setup(clip=clip, order=order, factory=OPTIMIZERS[name], fd_radius=fd_radius)
+    torch.manual_seed(11)
+    reference = _reference_hypergradient(model, engine, loss_on, clip)
+    assert _relative_error(_engine_gradient(engine, loss_on, seed=11), reference) < tolerance
+    first = Bilevel(model, engine.weight_optimizer, engine.arch_optimizer, BilevelConfig(order="first"))
+    assert _relative_error(_engine_gradient(first, loss_on, seed=11), reference) > 1e-3  # the orders differ here
+
+
+def test_the_active_clip_shrinks_the_unrolled_term() -> None:
+    """The clip-active cases above clip hard, and then the second-order term is far from the unclipped one."""
+    model, engine, loss_on = _setup(clip=ACTIVE_CLIP)
+    torch.manual_seed(11)
+    grads = torch.autograd.grad(loss_on("train")(model), [p for _, p in engine.weights])
+    assert ACTIVE_CLIP / torch.sqrt(sum((g ** 2).sum() for g in grads)) < 0.1
+    first = Bilevel(model, engine.weight_optimizer, engine.arch_optimizer, BilevelConfig(order="first"))
+    term_clipped = _engine_gradient(engine, loss_on, seed=11) - _engine_gradient(first, loss_on, seed=11)
+    unclipped = Bilevel(model, engine.weight_optimizer, engine.arch_optimizer, BilevelConfig(order="exact"))
+    term_unclipped = _engine_gradient(unclipped, loss_on, seed=11) - _engine_gradient(first, loss_on, seed=11)
+    assert term_clipped.norm() < 0.2 * term_unclipped.norm()
 
 
 def test_second_order_sees_the_same_dropout_masks_in_both_shifted_passes(monkeypatch) -> None:
@@ -165,8 +234,12 @@ def _load_grads(params: list[Tensor], grads: list[Tensor], clip: float | None) -
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=1e-3),
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3),
     lambda ps: torch.optim.SGD(ps, lr=20.0, weight_decay=5e-7),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, maximize=True),
     lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
-], ids=["sgd-momentum", "sgd-dampening", "sgd-nesterov", "sgd-plain", "adam-generic"])
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.5, 0.9)),
+], ids=["sgd-momentum", "sgd-dampening", "sgd-nesterov", "sgd-plain", "sgd-maximize", "adam", "adam-amsgrad-maximize",
+        "adamw"])
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_virtual_step_equals_real_optimizer_step(factory, clip) -> None:
     torch.manual_seed(1)
