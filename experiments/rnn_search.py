@@ -29,8 +29,7 @@ def config() -> None:
     epochs = 50
     batch_size = 256  # weight and architecture batches
     eval_batch_size = 10  # evaluation on the valid split
-    bptt = 35  # mean BPTT window; AWD-LSTM varies it per step
-    max_seq_len_delta = 20  # windows are at most bptt + this
+    bptt = 35  # BPTT window; one training window in twenty is half as long (the original search)
     learning_rate = 20.0  # weight SGD; scaled by seq_len / bptt each step
     weight_decay = 5e-7
     grad_clip = 0.25  # max norm of the weight gradient (real and virtual steps)

@@ -162,22 +162,23 @@ def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor,
 
 
 def bptt_windows(n_steps: int, bptt: int, generator: torch.Generator, max_extra: int = 20,
-                 vary: bool = True) -> Iterator[tuple[int, int]]:
+                 vary: bool = True, spread: float = 5.0) -> Iterator[tuple[int, int]]:
     """Yield (start, seq_len) windows that cover steps 0..n_steps-1 once, in order.
 
     For a batchified source of T rows pass n_steps = T - 1 (the last row is only ever a target). With
     `vary` (AWD-LSTM), each window's base length is `bptt` with probability 0.95, else bptt / 2, and
-    seq_len = max(5, int(Normal(base, 5))) capped at bptt + max_extra; the random window edges mean the
-    model sees different cuts of the text every epoch. Without `vary` the windows are a fixed `bptt`.
+    seq_len = max(5, int(Normal(base, spread))) capped at bptt + max_extra; the random window edges mean the
+    model sees different cuts of the text every epoch. With spread = 0 a window is its base length, int(base)
+    (the original DARTS search: 35, or 17 one time in twenty). Without `vary` the windows are a fixed `bptt`.
     The last window is clipped to what remains. All draws come from `generator`, so restoring its
     state (`generator.set_state`) replays the same windows.
     """
-    if n_steps < 0 or bptt < 1 or max_extra < 0:
-        raise ConfigError(f"bptt_windows needs n_steps >= 0, bptt >= 1 and max_extra >= 0; "
-                          f"got n_steps={n_steps}, bptt={bptt}, max_extra={max_extra}")
+    if n_steps < 0 or bptt < 1 or max_extra < 0 or spread < 0:
+        raise ConfigError(f"bptt_windows needs n_steps >= 0, bptt >= 1, max_extra >= 0 and spread >= 0; "
+                          f"got n_steps={n_steps}, bptt={bptt}, max_extra={max_extra}, spread={spread}")
     start = 0
     while start < n_steps:
-        seq_len = _draw_seq_len(bptt, generator, max_extra) if vary else bptt
+        seq_len = _draw_seq_len(bptt, generator, max_extra, spread) if vary else bptt
         seq_len = min(seq_len, n_steps - start)
         yield start, seq_len
         start += seq_len
@@ -190,10 +191,12 @@ def unigram_perplexity(corpus: Corpus) -> float:
     return math.exp(-log_probs[corpus.valid].mean().item())
 
 
-def _draw_seq_len(bptt: int, generator: torch.Generator, max_extra: int) -> int:
-    # Both draws happen on every call, in a fixed order, so the generator state alone decides the sequence.
+def _draw_seq_len(bptt: int, generator: torch.Generator, max_extra: int, spread: float) -> int:
+    # The draws come in a fixed order, so the generator state alone decides the sequence.
     base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
-    seq_len = max(5, int(torch.normal(float(base), 5.0, size=(), generator=generator).item()))
+    if not spread:
+        return max(1, int(base))
+    seq_len = max(5, int(torch.normal(float(base), spread, size=(), generator=generator).item()))
     return min(seq_len, bptt + max_extra)
 
 

@@ -1,13 +1,14 @@
 """The recurrent-cell search task: PTB batches, hidden states and losses handed to the shared loop and engine.
 
-Per step (as the original train_search.py): a BPTT window of random length from the training stream, the window at
-the same place of the architecture stream, the learning rate scaled by seq_len / bptt (so xi follows it), then the
-architecture step and the weight step. Hidden states carry across windows, detached; they restart every epoch.
+Per step (as the original train_search.py): a training window of `bptt` tokens (one time in twenty half that), the
+learning rate scaled by its length / bptt (so xi follows it), the next `bptt`-token window of the architecture
+stream, then the architecture step and the weight step. Hidden states carry across windows, detached; they restart
+every epoch (the architecture stream's also when it wraps around).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -28,8 +29,7 @@ class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only: a baseline and the benchmark)
     batch_size: int = 256
     eval_batch_size: int = 10
-    bptt: int = 35
-    max_seq_len_delta: int = 20  # longest window: bptt + this
+    bptt: int = 35  # training windows: bptt, one in twenty bptt / 2 (the original search); architecture: bptt
     learning_rate: float = 20.0
     weight_decay: float = 5e-7
     grad_clip: float = 0.25
@@ -131,24 +131,34 @@ class RNNSearchTask:
         return keep["hidden"], arch_hidden, keep["cross_entropy"]
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        windows = self.epoch_windows()
+        progress = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix)
+        for seq_len, cross_entropy in self.steps(windows):
+            progress.add(cross_entropy=cross_entropy * seq_len, tokens=seq_len)
+        for group in self.engine.weight_optimizer.param_groups:
+            group["lr"] = self.config.learning_rate
+        sums = progress.close()
+        return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
+
+    def epoch_windows(self) -> list[tuple[int, int]]:
+        """An epoch's training windows (start, length) over the whole weight stream, drawn from `self.windows`."""
+        return list(bptt_windows(self.train_data.size(0) - 1, self.config.bptt, self.windows, spread=0.0))
+
+    def steps(self, windows: list[tuple[int, int]]) -> Iterator[tuple[int, Tensor]]:
+        """Search steps over `windows` from fresh hidden states; yields each window's length and cross entropy.
+        Every step sets training mode first, so a caller may evaluate between steps."""
         config, model = self.config, self.model
-        model.train()
-        hidden = model.init_hidden(config.batch_size)
-        arch_hidden = model.init_hidden(config.batch_size)
-        windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
-        progress, arch_pos = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix), 0
+        hidden = arch_hidden = model.init_hidden(config.batch_size)
+        arch_pos = 0
         for start, seq_len in windows:
+            model.train()
             x, y = get_batch(self.train_data, start, seq_len)
             if arch_pos + 1 >= self.arch_data.size(0):  # the architecture stream wraps around: restart its state
                 arch_pos, arch_hidden = 0, model.init_hidden(config.batch_size)
-            xa, ya = get_batch(self.arch_data, arch_pos, seq_len)
+            xa, ya = get_batch(self.arch_data, arch_pos, config.bptt)
             arch_pos += xa.size(0)
             hidden, arch_hidden, cross_entropy = self.train_step(x, y, hidden, xa, ya, arch_hidden)
-            progress.add(cross_entropy=cross_entropy * x.size(0), tokens=x.size(0))
-        for group in self.engine.weight_optimizer.param_groups:
-            group["lr"] = config.learning_rate
-        sums = progress.close()
-        return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
+            yield x.size(0), cross_entropy
 
     def evaluate(self) -> dict[str, float]:
         """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried."""

@@ -13,7 +13,7 @@ from tests.conftest import assert_printed_config, real_data, run_experiment
 from tests.rnn_darts.test_search import write_corpus
 
 # The smoke config shrunk to a generated 30-word corpus: seconds per run.
-TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "max_seq_len_delta=3", "emsize=12", "nhid=12", "steps=3",
+TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "emsize=12", "nhid=12", "steps=3",
         "train_tokens=None", "threads=1")
 
 

@@ -301,9 +301,18 @@ def test_window_lengths_follow_awd_lstm_distribution() -> None:
     assert capped == pytest.approx(1.0 - _awd_cdf(37.0, bptt), abs=0.02)
 
 
+def test_windows_without_spread_are_the_original_search_lengths() -> None:
+    """spread=0: bptt, or int(bptt / 2) one time in twenty, as the original train_search.py."""
+    lengths = [s for _, s in bptt_windows(100_000, 35, torch.Generator().manual_seed(0), spread=0.0)][:-1]
+    assert set(lengths) == {35, 17}
+    assert lengths.count(17) / len(lengths) == pytest.approx(0.05, abs=0.015)  # ~2,900 windows: s.e. 0.004
+
+
 def test_windows_reject_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="bptt"):
         list(bptt_windows(10, 0, torch.Generator()))
+    with pytest.raises(ConfigError, match="spread"):
+        list(bptt_windows(10, 5, torch.Generator(), spread=-1.0))
     assert list(bptt_windows(0, 35, torch.Generator())) == []
 
 

@@ -47,8 +47,7 @@ TINY_MODEL = dict(ninp=12, nhid=12, nhidlast=12, steps=3, dropout=0.2, dropouth=
 
 def make_task(corpus, order: str = "second", seed: int = 0, **changes) -> RNNSearchTask:
     torch.manual_seed(seed)
-    config = SearchConfig(**{"order": order, "batch_size": 4, "eval_batch_size": 3, "bptt": 6,
-                             "max_seq_len_delta": 3, **changes})
+    config = SearchConfig(**{"order": order, "batch_size": 4, "eval_batch_size": 3, "bptt": 6, **changes})
     return RNNSearchTask(corpus, SupernetConfig(ntoken=corpus.ntoken, **TINY_MODEL), config, torch.device("cpu"),
                          seed)
 
@@ -74,6 +73,26 @@ def test_a_search_epoch_runs_for_every_order_and_yields_a_valid_genotype(corpus,
     assert torch.tensor(record.alphas["alphas"]).shape == (6, 5)
     assert recorder.records == history
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_windows_are_the_original_searchs_training_bptt_or_half_and_architecture_bptt(corpus, monkeypatch) -> None:
+    """Training windows of bptt tokens, one in twenty bptt / 2; architecture windows always bptt, contiguous in
+    their stream (clipped only at its end, where it restarts), whatever the training window's length."""
+    task, lengths = make_task(corpus, "first", seed=1), []
+    step = task.train_step
+    monkeypatch.setattr(task, "train_step", lambda x, y, h, xa, ya, ha: lengths.append((x.size(0), xa.size(0)))
+                        or step(x, y, h, xa, ya, ha))
+    for epoch in (1, 2):
+        lengths.clear()
+        task.train_epoch(epoch)
+        train, arch = zip(*lengths)
+        assert set(train[:-1]) <= {6, 3} and 3 in train  # the last window of an epoch is clipped
+        expected, pos, rows = [], 0, task.arch_data.size(0)  # every epoch restarts the stream
+        for _ in arch:
+            pos = 0 if pos + 1 >= rows else pos
+            expected.append(min(6, rows - 1 - pos))
+            pos += expected[-1]
+        assert list(arch) == expected and expected.count(6) > len(expected) / 2
 
 
 def test_arch_data_from_a_held_out_part_of_train(corpus, tmp_path) -> None:
