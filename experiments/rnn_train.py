@@ -42,7 +42,7 @@ def config() -> None:
     eval_tokens = None  # validate on the first N valid tokens (None: all); the test always uses the whole split
     emsize = 850  # embedding size = cell size (tied decoder)
     nhid = 850
-    init_range = 0.04  # cell matrices start uniform(-init_range, init_range)
+    init_range = 0.04  # the tied embedding and the cell matrices start uniform(-init_range, init_range)
     input_init_range = None  # the input rows of W0 (None: init_range, the paper)
     dropout = 0.75  # output (locked)
     dropouth = 0.25  # hidden state (per sequence)

@@ -35,7 +35,7 @@ class ModelConfig:
     dropoutx: float = 0.75  # the cell's input mask, one per sequence
     dropouti: float = 0.2  # locked dropout on the embedding output
     dropoute: float = 0.1  # word dropout
-    init_range: float = 0.04  # cell matrices are uniform(-init_range, init_range)
+    init_range: float = 0.04  # the tied embedding and the cell matrices are uniform(-init_range, init_range)
     input_init_range: float | None = None  # the input rows of W0 (None: init_range, the paper)
 
     def __post_init__(self) -> None:

@@ -42,10 +42,10 @@ class SupernetConfig:
     dropoute: float = 0.0  # word (embedding-row) dropout
     steps: int = 8  # intermediate nodes of the cell; the output averages all of them
     primitives: tuple[str, ...] = RNN_PRIMITIVES  # the alpha columns, in order; names from rnn_darts.ops.ACTIVATIONS
-    init_range: float = 0.04  # cell matrices are uniform(-init_range, init_range)
+    init_range: float = 0.04  # the tied embedding and the cell matrices are uniform(-init_range, init_range)
     # The input rows of W0 (x_t's share of the first gate): None keeps init_range, as the paper. The embedding is
-    # uniform(-0.1, 0.1) while the state is batch-normalised to unit scale, so at 0.04 the input barely moves the
-    # state and the cell ignores its words for hundreds of steps; a small model learns within a minute at ~1.0.
+    # that small while the state is batch-normalised to unit scale, so at 0.04 the input barely moves the state
+    # and the cell ignores its words for hundreds of steps; a small model learns within two minutes at ~1.0.
     input_init_range: float | None = None
 
     def __post_init__(self) -> None:

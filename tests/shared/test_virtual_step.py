@@ -41,7 +41,8 @@ def test_sgd_pullback_is_the_closed_form_factor(steps: int, nesterov: bool, max_
 
 
 def test_adam_pullback_at_the_first_step_is_the_closed_form() -> None:
-    """With empty moments, w' = w - lr * g / (|g| + eps) (bias corrections cancel): dw'/dg = -lr * eps / (|g| + eps)^2."""
+    """With empty moments, w' = w - lr * g / (|g| + eps) (the bias corrections cancel), so
+    dw'/dg = -lr * eps / (|g| + eps)^2."""
     torch.manual_seed(0)
     param = nn.Parameter(torch.randn(6, dtype=torch.float64))
     opt = torch.optim.Adam([param], lr=0.01, eps=1e-3)
@@ -64,7 +65,8 @@ def test_a_parameter_without_gradient_history_gets_a_finite_adam_pullback() -> N
 def test_an_optimizer_whose_step_is_not_written_out_is_refused_in_one_line(order: str) -> None:
     model = nn.Linear(2, 2)
     arch = torch.optim.Adam([model.bias], lr=1e-3)
-    with pytest.raises(ConfigError, match=r"torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW .*RMSprop.*order=first") as error:
+    supported = r"torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW .*RMSprop.*order=first"
+    with pytest.raises(ConfigError, match=supported) as error:
         Bilevel(model, torch.optim.RMSprop([model.weight], lr=0.1), arch, BilevelConfig(order=order))
     assert "\n" not in str(error.value)
     Bilevel(model, torch.optim.RMSprop([model.weight], lr=0.1), arch, BilevelConfig(order="first"))  # no step taken
