@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import search_quality
 from tests.rnn_darts.test_search import write_corpus
 
 
-def test_benchmark_writes_a_curve_per_order(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(search_quality, "SupernetConfig",  # the paper's sizes would take minutes here
-                        lambda ntoken: search_quality.SupernetConfig(ntoken=ntoken, ninp=8, nhid=8, nhidlast=8,
-                                                                     steps=2))
+def test_benchmark_writes_a_curve_per_order(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     result = search_quality.main(["--data-dir", str(write_corpus(tmp_path / "corpus")), "--steps", "5",
                                   "--eval-every", "2", "--batch", "4", "--eval-tokens", "60", "--threads", "1",
+                                  "--set", "ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram",
                                   "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert list(result["orders"]) == ["plain", "first", "second"]
@@ -26,3 +26,9 @@ def test_benchmark_writes_a_curve_per_order(tmp_path: Path, monkeypatch) -> None
         assert all(point["valid_ppl"] > 1 and 0 <= point["identity_share"] <= 1 for point in curve)
         assert figures["final_genotype"] == curve[-1]["genotype"] and figures["seconds_per_step"] > 0
     assert result["orders"]["plain"]["final_genotype"] == result["orders"]["plain"]["curve"][0]["genotype"]
+    assert result["config"]["set"] == ["ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram"]
+
+
+def test_a_key_of_no_config_is_refused() -> None:
+    with pytest.raises(SystemExit, match="'lr' is no field"):
+        search_quality.main(["--set", "lr=3"])
