@@ -12,7 +12,7 @@ runs `--steps` search steps; every `--eval-every` steps (and before the first) i
 valid tokens (eval batch 10) and records the genotype and its identity share. The JSON keeps the curves, the
 genotypes, the seconds per step and the unigram baseline (687 on PTB: a model of word frequencies alone). The
 original code at this configuration scored 8144 / 3038 / 2617 after epochs 1 / 2 / 3 on one H100 (first order,
-batch 256) with an all-identity genotype (../shared/reference/original-darts.md).
+batch 256) with an all-identity genotype.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from shared.device import resolve_device
 from shared.genotypes import to_dict
 
 ORDERS = ("plain", "first", "second")
+FIXED = ("order", "batch_size", "eval_tokens", "eval_batch_size", "ntoken")  # not for --set: the curves depend on them
 
 
 def overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -47,9 +48,12 @@ def overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+        if key in FIXED:
+            raise SystemExit(f"--set {item}: {key} is the benchmark's own (--orders, --batch, --eval-tokens; "
+                             "eval batch 10, the vocabulary's size)")
         if key in SearchConfig.__dataclass_fields__:
             search[key] = value
-        elif key in SupernetConfig.__dataclass_fields__ and key != "ntoken":
+        elif key in SupernetConfig.__dataclass_fields__:
             model[key] = value
         else:
             raise SystemExit(f"--set {item}: {key!r} is no field of SearchConfig or SupernetConfig")

@@ -1,9 +1,10 @@
 """The recurrent-cell search task: PTB batches, hidden states and losses handed to the shared loop and engine.
 
-Per step (as the original train_search.py): a training window of `bptt` tokens (one time in twenty half that), the
-learning rate scaled by its length / bptt (so xi follows it), the next `bptt`-token window of the architecture
-stream, then the architecture step and the weight step. Hidden states carry across windows, detached; they restart
-every epoch (the architecture stream's also when it wraps around).
+Per step: a training window of `bptt` tokens (one time in twenty half that) and the learning rate scaled by
+its length / bptt (so xi follows it), as the original train_search.py; the next `bptt`-token window of the
+architecture stream (the original read it at the training window's position); then the architecture step and the
+weight step. Hidden states carry across windows, detached; they restart every epoch (the architecture stream's
+also when it wraps around).
 """
 from __future__ import annotations
 

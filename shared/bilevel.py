@@ -50,7 +50,7 @@ def check_order(order: str) -> None:
 class BilevelConfig:
     order: str = "second"  # first | second (finite-difference Hessian) | exact (double-backward Hessian)
     grad_clip: float | None = None  # max norm of the weight gradient, for the real and the virtual step alike
-    fd_radius: float = 0.01  # r in eps = r / ||v|| (paper eq. 7)
+    fd_radius: float = 0.01  # r in eps = r / ||u|| (paper eq. 7: r / ||v|| for plain SGD)
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -198,12 +198,6 @@ class Bilevel:
                 loss = train_loss(self.forward_with(shifted, dict(self.alphas)))
             sides.append(_grad(loss, alphas))
         return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
-
-    # ---- the virtual weight step ---------------------------------------------------------------------------------
-    def virtual_step(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """The weights one step of the real weight optimizer would produce from `grads` (clipped like the real
-        step), computed out of place: parameters and optimizer state stay as they are."""
-        return unrolled_step(self.weight_optimizer, grads, self.config.grad_clip)[0]
 
     def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
         """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the

@@ -5,7 +5,7 @@ The architecture gradient differentiates L_val(w'(alpha), alpha) through one ste
     w' = step(w, c * g(alpha); state)      g = grad_w L_train(w, alpha),  c = min(1, grad_clip / ||g||)
     dL_val/dalpha = grad_alpha L_val(w', alpha) - H_{alpha w} u,   u = -(dw'/dg)^T v,   v = grad_w' L_val(w', alpha)
 
-with the clip factor c held constant (as the paper and the original do). Each supported optimizer's update is written
+with the clip factor c held constant (not differentiated). Each supported optimizer's update is written
 out of place here, from torch's own update rule, so its values equal `optimizer.step()` and autograd gives u as a
 vector-Jacobian product: clipping, momentum, dampening, nesterov, weight decay, maximize, Adam's moments and
 several parameter groups all enter u without a per-case factor. For plain SGD u = lr * c * v.
@@ -68,8 +68,8 @@ def _adam(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> list[Tensor]
             if group["amsgrad"]:
                 s = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(w)), s)
             # sqrt's derivative is infinite at 0 (an entry whose gradient and history are both 0): take 0 there
-            # through the clamp, as its one-sided limits disagree; the value moves by < 1e-19, far below eps.
-            denom = s.clamp_min(1e-38).sqrt() / (1 - beta2 ** step) ** 0.5 + eps
+            # through the clamp, as its one-sided limits disagree; the value moves by sqrt(tiny), far below eps.
+            denom = s.clamp_min(torch.finfo(s.dtype).tiny).sqrt() / (1 - beta2 ** step) ** 0.5 + eps
             out.append(w - lr / (1 - beta1 ** step) * m / denom)
     return out
 

@@ -29,6 +29,8 @@ def test_benchmark_writes_a_curve_per_order(tmp_path: Path) -> None:
     assert result["config"]["set"] == ["ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram"]
 
 
-def test_a_key_of_no_config_is_refused() -> None:
+def test_a_key_of_no_config_or_of_the_benchmark_is_refused() -> None:
     with pytest.raises(SystemExit, match="'lr' is no field"):
         search_quality.main(["--set", "lr=3"])
+    with pytest.raises(SystemExit, match="batch_size is the benchmark's own"):
+        search_quality.main(["--set", "batch_size=3"])
