@@ -13,7 +13,8 @@ from tests.rnn_darts.test_search import write_corpus
 def test_benchmark_writes_a_curve_per_order(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     result = search_quality.main(["--data-dir", str(write_corpus(tmp_path / "corpus")), "--steps", "5",
-                                  "--eval-every", "2", "--batch", "4", "--eval-tokens", "60", "--threads", "1",
+                                  "--eval-every", "2", "--batch", "4", "--eval-tokens", "60", "--eval-batch", "3",
+                                  "--threads", "1",
                                   "--set", "ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram",
                                   "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
