@@ -65,7 +65,8 @@ def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple
 
     corpus = synthetic_corpus(args.ntoken, tokens=4 * args.batch * (args.bptt + 1), seed=0)
     model = SupernetConfig(ntoken=args.ntoken, ninp=args.nhid, nhid=args.nhid, nhidlast=args.nhid, steps=args.steps)
-    task = RNNSearchTask(corpus, model, SearchConfig(order=mode, batch_size=args.batch), device, seed=0)
+    config = SearchConfig(order=mode, batch_size=args.batch, eval_batch_size=args.batch)  # no evaluation is timed
+    task = RNNSearchTask(corpus, model, config, device, seed=0)
     task.model.train()
     x, y, xa, ya = (torch.randint(args.ntoken, (args.bptt, args.batch), device=device) for _ in range(4))
     state = {"hidden": task.model.init_hidden(args.batch), "arch_hidden": task.model.init_hidden(args.batch)}
