@@ -9,10 +9,10 @@ The supernet and search are the paper's (300/300, 8 nodes, dropouts 0.75/0.25/0.
 clip 0.25, weight decay 5e-7, TAR 1e-3, alphas Adam 3e-3) on the whole PTB training split, with the architecture
 batches from PTB valid. For each order (plain: weights only; first; second) a fresh supernet from the same seed
 runs `--steps` search steps; every `--eval-every` steps (and before the first) it scores the first `--eval-tokens`
-valid tokens (`--eval-batch` sequences a batch, 64 by default) and records the genotype and its identity share. The JSON keeps the curves, the
-genotypes, the seconds per step and the unigram baseline (687 on PTB: a model of word frequencies alone). The
-original code at this configuration scored 8144 / 3038 / 2617 after epochs 1 / 2 / 3 on one H100 (first order,
-batch 256) with an all-identity genotype.
+valid tokens (`--eval-batch` sequences a batch, 64 by default) and records the genotype and its identity share. The
+JSON keeps the curves, the genotypes, the seconds per step and the unigram baseline (687 on PTB: a model of word
+frequencies alone). The original code at this configuration scored 8144 / 3038 / 2617 after epochs 1 / 2 / 3 on
+one H100 (first order, batch 256) with an all-identity genotype.
 """
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return search, model
 
 
-def run_order(corpus: Corpus, order: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """One order's curve: `args.steps` search steps from a fresh supernet, evaluated every `args.eval_every`."""
+def run_order(corpus: Corpus, order: str, args: argparse.Namespace, device: torch.device,
+              search: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """One order's curve: `args.steps` search steps from a fresh supernet (`search` and `model` change the paper's
+    SearchConfig and SupernetConfig), evaluated every `args.eval_every`."""
     torch.manual_seed(args.seed)
-    search, model = overrides(args.set)
     config = SearchConfig(**{**search, "batch_size": args.batch, "eval_tokens": args.eval_tokens,
                              "eval_batch_size": args.eval_batch, "order": order})
     task = RNNSearchTask(corpus, SupernetConfig(ntoken=corpus.ntoken, **model), config, device, args.seed)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="change a SearchConfig or SupernetConfig field from the paper's value")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (after every order)")
     args = parser.parse_args(argv)
-    overrides(args.set)  # a bad key fails before any data loads
+    search, model = overrides(args.set)  # a bad key fails before any data loads
     if min(args.steps, args.eval_every, args.eval_tokens) < 1 or args.eval_batch < 2:
         parser.error("--steps, --eval-every and --eval-tokens must be positive, --eval-batch at least 2")
     if args.threads:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unigram_eval_ppl": unigram_perplexity(dataclasses.replace(corpus, valid=corpus.valid[:args.eval_tokens])),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "data_dir")}, "orders": {}}
     for order in args.orders:
-        result["orders"][order] = run_order(corpus, order, args, device)
+        result["orders"][order] = run_order(corpus, order, args, device, search, model)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1))
