@@ -16,6 +16,10 @@ Each mode's floor is measured in the same rounds: a mode runs the real weight st
 (forward + backward into the weights, the alphas or both; `FLOORS`), and no implementation of the same algorithm
 can take less than their sum. A mode's ratio over its floor is the engine's own overhead; a target below the floor
 is out of reach for the algorithm on that machine and config, whatever the engine does.
+
+After the rounds, the cost of one collapse measurement (the dominant eigenvalue of the alpha Hessian, as a search
+records it every `hessian_every` epochs) is timed at its cap of `hessian_iterations` Hessian-vector products, in
+seconds and in plain steps.
 """
 from __future__ import annotations
 
@@ -108,13 +112,37 @@ def gradient_pass(task: Any, loss: Callable[[], LossFn], into: str) -> Step:
     return run
 
 
-def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device]:
-    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`)."""
+def hessian_cost(args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
+    """Seconds of one eigenvalue measurement at the default cost cap (tolerance 0: every product is spent), after
+    one untimed measurement; the median of `repeats`."""
+    from shared.collapse import CollapseConfig
+
+    device = resolve_threads(args)
+    torch.manual_seed(0)
+    task, _, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain", device)
+    iterations = CollapseConfig().hessian_iterations
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        eigen = task.engine.alpha_hessian_eigen(loss(), iterations, tol=0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times[1:]), "products": eigen.iterations, "times_s": times[1:]}
+
+
+def resolve_threads(args: argparse.Namespace) -> torch.device:
     from shared.device import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    return device
+
+
+def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device]:
+    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`)."""
+    device = resolve_threads(args)
     torch.manual_seed(0)
     mode, _, into = name.partition(":")
     task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if into else mode, device)
@@ -236,6 +264,11 @@ def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
         print("gradient passes (forward + backward into): " + ", ".join(
             f"{into} {f['median_s']:.3f} s" for into, f in result["passes"].items())
             + "; floor = plain + the passes of the mode's algorithm, over plain (per round)")
+    hessian = result["hessian"]
+    in_plain = (f" = {hessian['median_s'] / result['modes']['plain']['median_s']:.1f} plain steps"
+                if "plain" in result["modes"] else "")
+    print(f"one collapse measurement (alpha Hessian eigenvalue, {hessian['products']} Hessian-vector products): "
+          f"{hessian['median_s']:.3f} s{in_plain}")
     for name, check in result["checks"].items():
         print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
 
@@ -300,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     config.update(threads=args.threads, warmup=args.warmup, steps_timed=args.steps_timed)
     result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,
               "config": config, "date": datetime.date.today().isoformat(),
-              "passes": {name.partition(":")[2]: timed[name] for name in passes}}
+              "passes": {name.partition(":")[2]: timed[name] for name in passes}, "hessian": hessian_cost(args)}
     result["checks"] = summarise(args, modes)
     add_floors(modes, result["passes"])
     print_table(args, result)

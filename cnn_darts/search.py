@@ -18,9 +18,12 @@ from cnn_darts.data import ImageData, batches, split_search
 from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
+from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
+
+PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,11 @@ class SearchConfig:
 class CNNSearchTask(SchedulerGeneratorState):
     """DARTS on the convolutional search space; implements `shared.loop.EpochTask`."""
 
+    skip_metric = "skip_connect_normal"  # what early_stop=skip counts (DARTS+)
+
     def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
-                 seed: int) -> None:
-        self.config, self.device = config, device
+                 seed: int, collapse: CollapseConfig = CollapseConfig()) -> None:
+        self.config, self.device, self.collapse = config, device, collapse
         n = min(config.train_images or len(data.train_labels), len(data.train_labels))
         weight_index, arch_index = split_search(n, seed, config.train_portion)
         images, labels = data.train_images.to(device), data.train_labels.to(device)  # resident on the device
@@ -106,7 +111,20 @@ class CNNSearchTask(SchedulerGeneratorState):
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
         sums = progress.close()
-        return accuracy_metrics("train", sums)
+        return {**accuracy_metrics("train", sums), **self.curvature(epoch)}
+
+    def curvature(self, epoch: int) -> dict[str, float]:
+        """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
+        `batch_size` images of the architecture half, training mode as the architecture step), when `epoch`
+        measures."""
+        if not self.collapse.measures(epoch):
+            return {}
+        self.model.train()
+        size = self.config.batch_size
+        x, y = next(batches(self.arch_data[0][:size], self.arch_data[1][:size], size, self.generator, shuffle=False,
+                            augment=False))
+        return eigen_metrics(self.engine.alpha_hessian_eigen(self.loss(x, y), self.collapse.hessian_iterations,
+                                                             self.collapse.hessian_tol))
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode."""
@@ -117,7 +135,9 @@ class CNNSearchTask(SchedulerGeneratorState):
         return self.model.genotype()
 
     def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
-        return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal))}
+        return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal)),
+                "parameter_free_normal": float(sum(op in PARAMETER_FREE for op, _ in genotype.normal)),
+                "parameter_free_reduce": float(sum(op in PARAMETER_FREE for op, _ in genotype.reduce))}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self.engine.optimizers()

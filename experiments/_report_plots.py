@@ -1,4 +1,5 @@
-"""PNG plots for the report: learning curves across runs and the alpha softmax of a search as a heatmap.
+"""PNG plots for the report: learning curves across runs, the collapse diagnostics of searches, and the alpha
+softmax of a search as a heatmap.
 
 Figures are built with `matplotlib.figure.Figure` (the Agg canvas, no pyplot), so importing this module changes no
 global backend and leaks no open figures. Each function returns a `Plot` naming the lines it really drew.
@@ -19,6 +20,10 @@ from shared.genotypes import CNN_PRIMITIVES, RNN_PRIMITIVES
 
 LOG_RATIO = 3.0  # a perplexity panel whose largest value is this many times its smallest gets a log axis
 ANNOTATE_MAX_CELLS = 160  # write the weight into each heatmap cell up to this many cells (the CNN's 14 x 8 fits)
+# The per-epoch collapse signals a search records (shared.collapse, the tasks' genotype metrics), in panel order.
+COLLAPSE_METRICS = ("hessian_eigenvalue", "edge_entropy", "edge_entropy_min", "skip_connect_normal",
+                    "parameter_free_normal", "parameter_free_reduce", "identity_ops", "identity_share")
+PANELS_PER_ROW = 4
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,46 @@ def _curves(runs: list[Run], names: list[str], kind: str, path: Path) -> Plot:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         panels[name] = tuple(line.get_label() for line in ax.get_lines())
+    fig.savefig(path, dpi=100)
+    return Plot(path.name, panels)
+
+
+def early_stop(run: Run) -> dict[str, Any] | None:
+    """The run's early-stop decision (run info `early_stop`), if a rule ended it."""
+    stop = run.info.get("early_stop")
+    return stop if isinstance(stop, dict) and isinstance(stop.get("genotype_epoch"), int) else None
+
+
+def collapse_plot(runs: list[Run], path: Path) -> Plot | None:
+    """collapse.png: one panel per collapse metric any run has, one line per run; a dashed line in the run's colour
+    marks (and the legend names) the epoch whose genotype an early stop returned. None when no run has such a
+    metric."""
+    names = [name for name in COLLAPSE_METRICS if any(name in run.metrics for run in runs)]
+    if not names:
+        return None
+    rows = math.ceil(len(names) / PANELS_PER_ROW)
+    columns = min(len(names), PANELS_PER_ROW)
+    fig = Figure(figsize=(5.0 * columns, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    panels = {}
+    for ax, name in zip(axes, names):
+        for run in runs:
+            series = run.metrics.get(name)
+            if not series:
+                continue
+            finite = [v if math.isfinite(v) else math.nan for v in series.values]
+            (line,) = ax.plot(series.steps, finite, marker="o", markersize=3, label=f"{run.label} {run.experiment}")
+            stop = early_stop(run)
+            if stop is not None:
+                ax.axvline(stop["genotype_epoch"], color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"{run.label} early stop: epoch {stop['genotype_epoch']}")
+        ax.set(xlabel="epoch", ylabel=name, title=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        panels[name] = tuple(line.get_label() for line in ax.get_lines())
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
     fig.savefig(path, dpi=100)
     return Plot(path.name, panels)
 

@@ -143,7 +143,8 @@ class SacredRecorder:
     Metrics go through `log_scalar` under stable names with the epoch as step. For a search (`search=True`) the
     genotype goes to run info (`genotype`, `genotype_history`) and to the artifacts `genotype.json` and
     `genotype_history.json`, and the softmax of the alphas of every epoch to `alphas.json`; a training's genotype is
-    fixed and recorded once by its experiment. The checkpoint is the run folder's `checkpoint.pt` (and an artifact
+    fixed and recorded once by its experiment. When an early stop ends a search, `genotype` and genotype.json are the
+    genotype it chose and run info `early_stop` holds its decision. The checkpoint is the run folder's `checkpoint.pt` (and an artifact
     for observers that keep no folder, such as MongoDB).
     """
 
@@ -159,12 +160,18 @@ class SacredRecorder:
 
     def _genotypes(self, record: Any, history: list[Any]) -> None:
         from shared.genotypes import to_dict
+        from shared.loop import chosen_genotype
 
         genotypes = [{"epoch": r.epoch, "genotype": to_dict(r.genotype)} for r in history]
-        self.run.info["genotype"] = to_dict(record.genotype)
+        genotype = to_dict(chosen_genotype(history))
+        self.run.info["genotype"] = genotype
         self.run.info["genotype_history"] = genotypes
         self.run.info["alphas"] = record.alphas
-        add_json_artifact(self.run, "genotype.json", to_dict(record.genotype))
+        if record.stop is not None:
+            self.run.info["early_stop"] = record.stop.to_dict()
+        else:  # a run resumed with early_stop=off after a stop continues past it
+            self.run.info.pop("early_stop", None)
+        add_json_artifact(self.run, "genotype.json", genotype)
         add_json_artifact(self.run, "genotype_history.json", genotypes)
         add_json_artifact(self.run, "alphas.json", [{"epoch": r.epoch, "alphas": r.alphas} for r in history])
 
@@ -174,8 +181,30 @@ class SacredRecorder:
             self.run.add_artifact(str(path), name="checkpoint.pt")
 
 
+def collapse_config() -> None:
+    """The collapse diagnostics and early stopping of every search (`shared.collapse.CollapseConfig`)."""
+    hessian_every = 2  # the dominant eigenvalue of the alpha Hessian (RobustDARTS) every N epochs; 0: never
+    hessian_iterations = 20  # cost cap: Hessian-vector products per measurement (Lanczos)
+    hessian_tol = 1e-3  # stop a measurement once its relative residual is below this
+    early_stop = "off"  # off | robust (eigenvalue growth, RobustDARTS) | skip (parameter-free op count, DARTS+)
+    early_stop_factor = 1.3  # robust: stop when the eigenvalue's local average grew by more than this factor
+    early_stop_start = 10  # robust: the epoch returned (the earlier window's middle) is at least this one
+    early_stop_window = 5  # robust: measurements per local average
+    early_stop_delta = 4  # robust: compare with the local average this many measurements earlier
+    early_stop_skips = 2  # skip: stop once the cell holds this many skip_connect (CNN normal cell) / identity (RNN)
+
+
+def collapse_from(config: dict[str, Any]) -> Any:
+    """The run's CollapseConfig (checked: a bad value is one line before any data loads)."""
+    from shared.collapse import CollapseConfig
+
+    return CollapseConfig(**{k: config[k] for k in CollapseConfig.__dataclass_fields__})
+
+
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
-RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit"})
+# The collapse keys only measure and stop: they change nothing a finished epoch computed.
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit",
+                               *collapse_config.__code__.co_varnames})
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
@@ -192,16 +221,19 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
 
 
 def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
-                may_change: frozenset[str] = RESUMABLE_CHANGES, genotype: Any = None) -> tuple[Any, list[Any]]:
+                may_change: frozenset[str] = RESUMABLE_CHANGES, genotype: Any = None, collapse: Any = None
+                ) -> tuple[Any, list[Any]]:
     """What every search and training experiment does around its task: threads, seed, resume, checkpoint folder,
     the epoch loop, and the time limit (config `time_limit`, minutes from now: no epoch starts that would end after
     it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). `genotype` is a
     training's fixed cell (None for a search): no genotype history is recorded, and a resume must train the
-    checkpoint's cell, since `genotype_from` may now point at another one of the same shapes. Returns the task and
-    the epoch records."""
+    checkpoint's cell, since `genotype_from` may now point at another one of the same shapes. `collapse` (a
+    search's CollapseConfig) sets its early-stopping rule, which counts the task's `skip_metric`. Returns the task
+    and the epoch records."""
     import torch
 
     from shared import checkpoint
+    from shared.collapse import EarlyStop
     from shared.errors import CheckpointError, ConfigError
     from shared.genotypes import to_dict
     from shared.loop import run_epochs
@@ -227,12 +259,18 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
             more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
             raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
                               f"{config['epochs']}: nothing is left to run{more}")
+        stop = resume_state["history"][-1].get("early_stop") if resume_state["history"] else None
+        if stop is not None and collapse is not None and collapse.early_stop != "off":
+            raise ConfigError(f"resume: the search stopped early after epoch {stop['epoch']} ({stop['reason']}); "
+                              f"nothing is left to run; pass early_stop=off to continue it")
         run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
     folder = run_folder(run)
     task = build_task()
+    stopper = None if collapse is None else EarlyStop(collapse, task.skip_metric)
     history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder, genotype is None),
-                         config, resume_state, deadline=None if limit is None else started + 60.0 * limit)
-    if history and history[-1].epoch < config["epochs"]:
+                         config, resume_state, deadline=None if limit is None else started + 60.0 * limit,
+                         early_stop=stopper)
+    if history and history[-1].epoch < config["epochs"] and history[-1].stop is None:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}
     return task, history
@@ -294,7 +332,11 @@ def headline(history: list[Any], metric: str, best: Callable[[Any], Any]) -> dic
 
 
 def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:
-    """The run's result: the final genotype, the final and the best value of its headline metric."""
+    """The run's result: its genotype (the final one, or the one an early stop chose), the final and the best value
+    of its headline metric, and the early stop's decision if one ended the run."""
     from shared.genotypes import to_dict
+    from shared.loop import chosen_genotype
 
-    return {"genotype": to_dict(history[-1].genotype), **headline(history, metric, best)}
+    stop = history[-1].stop
+    return {"genotype": to_dict(chosen_genotype(history)), **headline(history, metric, best),
+            **({} if stop is None else {"early_stop": stop.to_dict()})}

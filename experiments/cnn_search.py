@@ -12,10 +12,12 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import RESUMABLE_CHANGES, make_experiment, run_tracked, search_result, user_errors
+from experiments._sacred import (RESUMABLE_CHANGES, collapse_config, collapse_from, make_experiment, run_tracked,
+                                 search_result, user_errors)
 from shared.device import resolve_device
 
 ex = make_experiment("cnn_search")
+ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
 
 
 @ex.config
@@ -77,16 +79,17 @@ def smoke() -> None:
 def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, init_channels: int,
          layers: int, steps: int) -> dict[str, Any]:
     config = dict(_config)
+    collapse = collapse_from(config)
 
     def build_task() -> CNNSearchTask:
         data = load_cifar10(data_dir)
         model_config = SupernetConfig(C=init_channels, num_classes=len(data.classes), layers=layers, steps=steps,
                                       multiplier=steps)
         search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
-        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed)
+        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed, collapse)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    _, history = run_tracked(_run, config, build_task, may_change=RESUMABLE_CHANGES - {"epochs"})
+    _, history = run_tracked(_run, config, build_task, RESUMABLE_CHANGES - {"epochs"}, collapse=collapse)
     return search_result(history, "valid_acc", best=max)
 
 

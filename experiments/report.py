@@ -1,4 +1,5 @@
-"""One report over Sacred run folders: a table of runs, learning curves, cells, alphas and genotype changes.
+"""One report over Sacred run folders: a table of runs, learning curves, collapse diagnostics, cells, alphas and
+genotype changes.
 
     python -m experiments.report runs --out reports/latest          # every numbered run folder under runs/
     python -m experiments.report runs/3 runs/7 old/runs --out /tmp/compare
@@ -21,7 +22,7 @@ from typing import Callable
 
 from experiments._report_cells import cell_svg, genotype_cells
 from experiments._report_doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
-from experiments._report_plots import Plot, alpha_heatmap, curve_plots
+from experiments._report_plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
 from experiments._report_runs import Run, assign_labels, discover, load_run
 from experiments._report_tables import (NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row,
                                         utc_now)
@@ -123,6 +124,26 @@ def _curves(runs: list[Run], out: Path, report: Report) -> list[Block]:
     return blocks
 
 
+def _collapse(runs: list[Run], out: Path, report: Report) -> list[Block]:
+    """The collapse diagnostics of the searches (Hessian eigenvalue, edge entropy, parameter-free op counts) and
+    where an early stop ended a run."""
+    plot = collapse_plot(runs, out / "collapse.png")
+    if plot is None:
+        return []
+    report.plots.append(plot)
+    blocks: list[Block] = [Heading(2, "Collapse diagnostics"), Image(plot.file, ", ".join(plot.panels)),
+                           Items(tuple((f"{name}: {_count(len(labels), 'run')}: ", ", ".join(labels))
+                                       for name, labels in plot.panels.items()))]
+    stops = [(run, stop) for run in runs if (stop := early_stop(run)) is not None]
+    if stops:
+        blocks.append(Para("Dashed lines mark the epoch whose genotype an early stop returned."))
+        blocks.append(Items(tuple(
+            (f"{run.label} ({run.experiment}): ", f"early_stop={stop.get('rule')} after epoch {stop.get('epoch')}, "
+                                                  f"genotype of epoch {stop['genotype_epoch']}: {stop.get('reason')}")
+            for run, stop in stops)))
+    return blocks
+
+
 def _cells(run: Run, stem: str, out: Path, report: Report) -> list[Block]:
     """The final genotype as text and as one SVG per cell."""
     assert run.genotype is not None
@@ -183,7 +204,7 @@ def build_report(paths: list[Path], out: Path, now: datetime | None = None,
     taken: set[str] = set()
     for run in runs:  # drawn first: a drawing step that fails adds a note to its run
         details += _run_details(run, _file_stem(run.label, taken), out, report)
-    curves = _curves(runs, out, report)
+    curves = _curves(runs, out, report) + _guarded("collapse plot", skipped, lambda: _collapse(runs, out, report))
     blocks += _runs_table(runs, now, stale_after) + _problems(runs, skipped) + _config_differences(runs) + curves
     blocks += [Heading(2, "Genotypes, alphas and genotype changes"), *details] if details else []
     report.markdown.write_text(to_markdown(blocks), encoding="utf-8")

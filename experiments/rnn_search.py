@@ -11,13 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import make_experiment, run_tracked, search_result, user_errors
+from experiments._sacred import (collapse_config, collapse_from, make_experiment, run_tracked, search_result,
+                                 user_errors)
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
 from shared.device import resolve_device
 
 ex = make_experiment("rnn_search")
+ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
 
 
 @ex.config
@@ -97,6 +99,7 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
          steps: int, init_range: float, input_init_range: float | None, dropout: float, dropouth: float,
          dropoutx: float, dropouti: float, dropoute: float) -> dict[str, Any]:
     config = dict(_config)
+    collapse = collapse_from(config)
 
     def build_task() -> RNNSearchTask:
         corpus = load_corpus(data_dir)
@@ -107,9 +110,9 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
             input_init_range=input_init_range, dropout=dropout, dropouth=dropouth, dropoutx=dropoutx,
             dropouti=dropouti, dropoute=dropoute)
         search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
-        return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed)
+        return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed, collapse)
 
-    return search_result(run_tracked(_run, config, build_task)[1], "valid_ppl")
+    return search_result(run_tracked(_run, config, build_task, collapse=collapse)[1], "valid_ppl")
 
 
 if __name__ == "__main__":

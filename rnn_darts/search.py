@@ -18,6 +18,7 @@ from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
+from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
@@ -77,9 +78,11 @@ def log_unigram(tokens: Tensor, ntoken: int) -> Tensor:
 class RNNSearchTask:
     """DARTS on the recurrent search space; implements `shared.loop.EpochTask`."""
 
+    skip_metric = "identity_ops"  # what early_stop=skip counts
+
     def __init__(self, corpus: Corpus, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
-                 seed: int) -> None:
-        self.config, self.device = config, device
+                 seed: int, collapse: CollapseConfig = CollapseConfig()) -> None:
+        self.config, self.device, self.collapse = config, device, collapse
         train, arch, valid = split_streams(corpus, config)
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
         self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
@@ -139,7 +142,18 @@ class RNNSearchTask:
         for group in self.engine.weight_optimizer.param_groups:
             group["lr"] = self.config.learning_rate
         sums = progress.close()
-        return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
+        return {**perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"]), **self.curvature(epoch)}
+
+    def curvature(self, epoch: int) -> dict[str, float]:
+        """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
+        architecture window from a zero state, training mode as the architecture step), when `epoch` measures."""
+        if not self.collapse.measures(epoch):
+            return {}
+        self.model.train()
+        xa, ya = get_batch(self.arch_data, 0, self.config.bptt)
+        loss = self.loss(xa, ya, self.model.init_hidden(self.config.batch_size), False)
+        return eigen_metrics(self.engine.alpha_hessian_eigen(loss, self.collapse.hessian_iterations,
+                                                             self.collapse.hessian_tol))
 
     def epoch_windows(self) -> list[tuple[int, int]]:
         """An epoch's training windows (start, length) over the whole weight stream, drawn from `self.windows`."""
@@ -171,7 +185,7 @@ class RNNSearchTask:
 
     def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
         ops = [op for op, _ in genotype.recurrent]
-        return {"identity_share": ops.count("identity") / len(ops)}
+        return {"identity_share": ops.count("identity") / len(ops), "identity_ops": float(ops.count("identity"))}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self.engine.optimizers()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from shared.collapse import Eigen, top_eigenvalue
 from shared.errors import ConfigError
 from shared.virtual_step import check_differentiable, unrolled_step
 
@@ -198,6 +199,28 @@ class Bilevel:
                 loss = train_loss(self.forward_with(shifted, dict(self.alphas)))
             sides.append(_grad(loss, alphas))
         return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
+
+    # ---- curvature -----------------------------------------------------------------------------------------------
+    def alpha_hessian_eigen(self, loss_fn: LossFn, iterations: int, tol: float) -> Eigen:
+        """The largest eigenvalue of the Hessian of `loss_fn` in the alphas at the current weights (RobustDARTS'
+        collapse signal), by Lanczos on double-backward Hessian-vector products of one forward pass; the start
+        vector is fixed, so the same model and batch give the same estimate. Changes nothing: the weights, buffers,
+        optimizers and random streams (dropout masks are drawn and the streams put back) stay as they were."""
+        names = [n for n, _ in self.alphas]
+        alphas = [a.detach().requires_grad_() for _, a in self.alphas]
+        weights = {n: p.detach() for n, p in self.weights}
+        with _RandomReplay(alphas[0].device).replay():
+            loss = loss_fn(self.forward_with(weights, dict(zip(names, alphas))))
+        grads = _grad(loss, alphas, create_graph=True)
+        sizes = [a.numel() for a in alphas]
+
+        def product(vector: Tensor) -> Tensor:
+            pieces = vector.to(alphas[0]).split(sizes)
+            dot = sum((g * p.view_as(g)).sum() for g, p in zip(grads, pieces))
+            hvp = torch.autograd.grad(dot, alphas, retain_graph=True, allow_unused=True, materialize_grads=True)
+            return torch.cat([h.reshape(-1) for h in hvp])
+
+        return top_eigenvalue(product, sum(sizes), iterations, tol, torch.Generator().manual_seed(0))
 
     def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
         """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from shared import checkpoint
+from shared.collapse import EarlyStop, StopDecision, alpha_metrics
 from shared.errors import UserFacingError
 from shared.genotypes import Genotype, from_dict, to_dict
 
@@ -97,14 +98,23 @@ class EpochRecord:
     metrics: dict[str, float]
     genotype: Genotype
     alphas: dict[str, list[list[float]]]
+    stop: StopDecision | None = None  # set on the epoch an early-stopping rule ended the search after
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "metrics": self.metrics, "genotype": to_dict(self.genotype),
+        data = {"epoch": self.epoch, "metrics": self.metrics, "genotype": to_dict(self.genotype),
                 "alphas": self.alphas}
+        return data if self.stop is None else {**data, "early_stop": self.stop.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EpochRecord":
-        return cls(data["epoch"], data["metrics"], from_dict(data["genotype"]), data["alphas"])
+        stop = StopDecision(**data["early_stop"]) if "early_stop" in data else None
+        return cls(data["epoch"], data["metrics"], from_dict(data["genotype"]), data["alphas"], stop)
+
+
+def chosen_genotype(history: list[EpochRecord]) -> Genotype:
+    """The genotype a run returns: the last epoch's, or the one its early stop chose."""
+    stop = history[-1].stop
+    return history[-1].genotype if stop is None else history[stop.genotype_epoch - 1].genotype
 
 
 class Recorder(Protocol):
@@ -186,8 +196,11 @@ def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
 def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
                resume: dict[str, Any] | None = None,
                on_epoch_end: Callable[[EpochRecord], None] | None = None,
-               deadline: float | None = None) -> list[EpochRecord]:
+               deadline: float | None = None, early_stop: EarlyStop | None = None) -> list[EpochRecord]:
     """Run epochs `start+1..epochs`, checkpointing after each; `resume` is a loaded checkpoint to continue from.
+
+    `early_stop` is consulted after every epoch; when it decides, that epoch's record carries the decision
+    (`EpochRecord.stop`, kept in the checkpoint) and no further epoch runs (`chosen_genotype` is the result).
 
     `deadline` (a `time.monotonic()` value, e.g. a batch job's end): after the first epoch of this call, no epoch
     starts that the longest epoch so far would carry past it. The history returned is then shorter than `epochs`,
@@ -211,16 +224,24 @@ def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Re
         except NonFiniteLoss as signal:
             _recover(task, checkpoint_path, epoch, str(signal))
         genotype = task.genotype()
-        metrics.update(task.genotype_metrics(genotype), epoch_time=time.perf_counter() - started)
+        softmaxes = task.alpha_softmax()
+        metrics.update(task.genotype_metrics(genotype), **alpha_metrics(softmaxes),
+                       epoch_time=time.perf_counter() - started)
         longest = max(longest, metrics["epoch_time"])
-        alphas = {name: a.tolist() for name, a in task.alpha_softmax().items()}
+        alphas = {name: a.tolist() for name, a in softmaxes.items()}
         history.append(EpochRecord(epoch, metrics, genotype, alphas))
+        if early_stop is not None:
+            history[-1].stop = early_stop.check([r.epoch for r in history], [r.metrics for r in history])
         checkpoint.save(checkpoint_path, capture(task, epoch, history, config))
         recorder.epoch(history[-1], history)
         recorder.checkpoint(checkpoint_path, epoch)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_epoch_end is not None:
             on_epoch_end(history[-1])
+        if history[-1].stop is not None:
+            log.info("early stop after epoch %d: %s; the search returns the genotype of epoch %d", epoch,
+                     history[-1].stop.reason, history[-1].stop.genotype_epoch)
+            break
     return history
 
 

@@ -45,6 +45,11 @@ def test_benchmark_writes_every_mode_with_ratios_and_checks(tmp_path: Path, task
     assert result["modes"]["first"]["floor_x_plain_paired"] == pytest.approx(
         sorted((p + a) / p for p, _, a, _ in rounds)[1])  # the median of 3 rounds
     assert "median s" in proc.stdout and "plain" in proc.stdout and "gradient passes" in proc.stdout
+    # one collapse measurement at the cost cap of 20 products; the toy RNN's 3 x 5 alphas span fewer dimensions
+    # (a softmax ignores a constant added to a row), where Lanczos ends exactly
+    hessian = result["hessian"]
+    assert (hessian["products"] <= 15 if task == "rnn" else hessian["products"] == 20) and hessian["median_s"] > 0
+    assert "one collapse measurement" in proc.stdout
 
 
 @pytest.mark.parametrize("into, weights, alphas", [("weights", True, False), ("alphas", False, True),

@@ -101,3 +101,38 @@ def test_smoke_search_on_real_cifar10_completes(tmp_path: Path) -> None:
     assert metrics["valid_acc"]["steps"] == [1, 2]
     assert all(math.isfinite(v) for v in metrics["valid_loss"]["values"])
     assert isinstance(load(result.run_dir() / "genotype.json"), CNNGenotype)
+
+
+# The robust rule made to fire at its first chance: one measurement a window, compared with the one before, any
+# growth at all (factor 1e-6 of a positive curvature), from epoch 0.
+FIRE_AT_ONCE = ("hessian_every=1", "early_stop=robust", "early_stop_start=0", "early_stop_window=1",
+                "early_stop_delta=1", "early_stop_factor=1e-6")
+
+
+def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs_genotype(tmp_path: Path) -> None:
+    stopped = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE)
+    assert stopped.returncode == 0, stopped.stderr
+    run, metrics, folder = stopped.run_json(), stopped.metrics(), stopped.run_dir()
+    info = json.loads((folder / "info.json").read_text())
+    assert run["status"] == "COMPLETED"
+    assert info["early_stop"]["rule"] == "robust"
+    assert (info["early_stop"]["epoch"], info["early_stop"]["genotype_epoch"]) == (2, 1)
+    assert "grew" in info["early_stop"]["reason"] and "stopped_early" not in info
+    for name in ("hessian_eigenvalue", "hessian_iterations", "hessian_residual", "edge_entropy", "edge_entropy_min",
+                 "parameter_free_normal", "parameter_free_reduce"):
+        assert metrics[name]["steps"] == [1, 2], name
+    assert all(v > 0 for v in metrics["hessian_eigenvalue"]["values"])
+    assert all(0 < v <= math.log(8) + 1e-9 for v in metrics["edge_entropy"]["values"])
+    epoch_one = info["genotype_history"][0]["genotype"]
+    assert run["result"]["genotype"] == epoch_one == json.loads((folder / "genotype.json").read_text())
+    assert run["result"]["early_stop"] == info["early_stop"]
+
+    again = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE, f"resume={folder}")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "resume: the search stopped early after epoch 2" in again.stderr and "early_stop=off" in again.stderr
+
+    onward = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE[:1], f"resume={folder}")  # early_stop off
+    assert onward.returncode == 0, onward.stderr
+    info = json.loads((onward.run_dir() / "info.json").read_text())
+    assert "early_stop" not in info and onward.metrics()["valid_acc"]["steps"] == [1, 2, 3]
+    assert onward.run_json()["result"]["genotype"] == info["genotype_history"][2]["genotype"]

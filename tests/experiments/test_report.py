@@ -79,6 +79,9 @@ def write_run(folder: Path, experiment: str, config: dict[str, Any], status: str
     return folder
 
 
+STOP = {"rule": "skip", "epoch": 2, "genotype_epoch": 2, "reason": "skip_connect_normal reached 2 (early_stop_skips=2)"}
+
+
 def _search_config(seed: int, order: str, epochs: int, **extra: Any) -> dict[str, Any]:
     return {"seed": seed, "order": order, "epochs": epochs, "threads": 2, "resume": None, **extra}
 
@@ -90,7 +93,8 @@ def build_runs(root: Path) -> Path:
     history = [{"epoch": 1, "genotype": RNN_G1}, {"epoch": 2, "genotype": RNN_G2}, {"epoch": 3, "genotype": RNN_G2}]
     write_run(runs / "1", "rnn_search", _search_config(3, "second", 3, learning_rate=5.0),
               per_epoch={"train_ppl": [900.0, 800.0, 780.0], "valid_ppl": [800.0, 700.0, 750.0],
-                         "train_loss": [6.8, 6.7, 6.65], "valid_loss": [6.7, 6.55, 6.62], "identity_share": [0, 0, 0]},
+                         "train_loss": [6.8, 6.7, 6.65], "valid_loss": [6.7, 6.55, 6.62], "identity_share": [0, 0, 0],
+                         "hessian_eigenvalue": [0.1, 0.2, 0.4], "edge_entropy": [1.6, 1.5, 1.3]},
               info={"genotype": RNN_G2, "genotype_history": history, "epochs_done": 3,
                     "alphas": {"alphas": _softmax_rows(10, 5)}},
               result={"genotype": RNN_G2, "valid_ppl": 750.0, "best_valid_ppl": 700.0},
@@ -99,8 +103,9 @@ def build_runs(root: Path) -> Path:
                                          for e in (1, 2, 3)]})
     cnn_history = [{"epoch": 1, "genotype": CNN_G}, {"epoch": 2, "genotype": CNN_G}]
     write_run(runs / "2", "cnn_search", _search_config(2, "first", 2, learning_rate=0.025),
-              per_epoch={"train_acc": [0.4, 0.55], "valid_acc": [0.5, 0.6], "skip_connect_normal": [1.0, 2.0]},
-              info={"epochs_done": 2, "alphas": {"alphas_normal": _softmax_rows(14, 8),
+              per_epoch={"train_acc": [0.4, 0.55], "valid_acc": [0.5, 0.6], "skip_connect_normal": [1.0, 2.0],
+                         "hessian_eigenvalue": [0.3, 0.35]},
+              info={"epochs_done": 2, "early_stop": STOP, "alphas": {"alphas_normal": _softmax_rows(14, 8),
                                                  "alphas_reduce": _softmax_rows(14, 8, 3)}},
               artifacts={"genotype.json": CNN_G, "genotype_history.json": cnn_history})  # genotype from the artifact
     write_run(runs / "3", "rnn_train", {"seed": 5, "epochs": 2, "threads": 2, "learning_rate": 20.0, "only_here": 1},
@@ -246,6 +251,18 @@ def test_curves_plot_one_line_per_run_with_the_metric(built) -> None:
     for name in ("curves_ppl.png", "curves_acc.png"):
         _png(root / "out" / name)
     assert "- valid_ppl: 2 runs: `1 rnn_search, 3 rnn_train`" in built[2]
+
+
+def test_collapse_plot_has_a_panel_per_recorded_signal_and_marks_the_early_stop(built) -> None:
+    root, result, md = built[0], built[1], built[2]
+    panels = {plot.file: plot.panels for plot in result.plots}["collapse.png"]
+    assert panels == {"hessian_eigenvalue": ("1 rnn_search", "2 cnn_search", "2 early stop: epoch 2"),
+                      "edge_entropy": ("1 rnn_search",),
+                      "skip_connect_normal": ("2 cnn_search", "2 early stop: epoch 2"),
+                      "identity_share": ("1 rnn_search",)}
+    _png(root / "out" / "collapse.png")
+    assert ("- 2 (cnn_search): `early_stop=skip after epoch 2, genotype of epoch 2: skip_connect_normal reached 2 "
+            "(early_stop_skips=2)`") in md
 
 
 def test_alpha_heatmaps_for_searches_with_alphas(built) -> None:

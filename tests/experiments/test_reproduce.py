@@ -88,8 +88,8 @@ def test_reproducing_a_run_finds_no_difference_and_records_the_comparison(runs: 
     result = reproduce(copied / "1", copied)  # the new run goes beside the old one (sharing runs/_sources)
     assert result.returncode == 0, result.stderr
     assert "largest difference: none" in result.stdout
-    assert "verdict: IDENTICAL: identity_share, train_loss, train_ppl, valid_loss, valid_ppl, " \
-           "genotype" in result.stdout
+    assert "verdict: IDENTICAL: edge_entropy, edge_entropy_min, identity_ops, identity_share, train_loss, " \
+           "train_ppl, valid_loss, valid_ppl, genotype" in result.stdout
     assert "not compared (wall-clock): epoch_time" in result.stdout
     # No warning but for files edited since the fixture's run (none in CI; other work in the checkout may edit some).
     assert "warning: package" not in result.stderr
