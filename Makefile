@@ -3,7 +3,7 @@ PYTHON ?= python3
 # Not PIP_QUIET: make exports a variable set on its command line, and pip reads PIP_QUIET=-q as a bad value.
 PIP_FLAGS ?= -q
 
-.PHONY: install search test
+.PHONY: install search lint test
 
 install:
 	$(PYTHON) -m pip install $(PIP_FLAGS) torch==2.13.0
@@ -12,5 +12,8 @@ install:
 search: install
 	$(PYTHON) -m experiments.rnn_search with smoke
 
-test: install
+lint: install
+	$(PYTHON) -m ruff check .
+
+test: install lint
 	$(PYTHON) -m pytest -q

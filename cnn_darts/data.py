@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.errors import ConfigError, DataError
+from shared.hub import data_folder, load_hub_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _FILES = (*_TRAIN_FILES, "test_batch", "batches.meta")
 _PIXELS = 3 * 32 * 32  # one row of an official batch: 1024 R, 1024 G, 1024 B
 _REDOWNLOAD = f"re-download {_TARBALL} from {CIFAR10_URL}"
-_HUB_TIMEOUT_S = 5.0
 # Globals the official pickles (and numpy 1.x/2.x re-pickles of them) need. Anything else is refused: a pickle can
 # run arbitrary code, and a data folder is not a place to run code from.
 _ALLOWED_GLOBALS = {(f"numpy.{core}.multiarray", name) for core in ("core", "_core")
@@ -64,13 +64,7 @@ class ImageData:
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """`data_dir`; else `$DARTS_DATA_DIR` if it holds CIFAR-10, else `$DARTS_DATA_DIR/cifar10`; else ./data/cifar10."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("DARTS_DATA_DIR")
-    if env:
-        root = Path(env).expanduser()
-        return root if _find_layout(root) is not None else root / "cifar10"
-    return Path("data") / "cifar10"
+    return data_folder(data_dir, "cifar10", lambda root: _find_layout(root) is not None)
 
 
 def load_cifar10(data_dir: str | os.PathLike[str] | None = None, hub_name: str | None = CIFAR10_HUB_NAME) -> ImageData:
@@ -320,32 +314,11 @@ def _check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None
                         "re-create or re-download the data")
 
 
-def _hub_skip_reason(name: str) -> str | None:
-    """Why the hub must not be tried now (offline flag, no answer within seconds), or None to go ahead."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off"):
-            return f"{var} is set"
-    try:  # a metadata request with a short timeout, so that a dead network fails in seconds, not minutes
-        from huggingface_hub import HfApi
-
-        HfApi().dataset_info(name, timeout=_HUB_TIMEOUT_S)
-    except Exception as err:  # no network, DNS failure, unknown or gated repo: all mean "do not try"
-        return f"the hub gave no answer for {name!r} ({type(err).__name__})"
-    return None
-
-
 def _load_hub(name: str | None, image_column: str | None, label_column: str | None) -> ImageData:
     """`name` from the Hugging Face hub; a DataError saying why not is left to the caller to complete."""
-    reason = "the hub fallback is off (hub_name=None)" if name is None else _hub_skip_reason(name)
-    if reason is not None:
-        raise DataError(f"the hub was skipped: {reason}")
-    import datasets  # deferred: importing it costs about a second
-
-    try:
-        dataset = datasets.load_dataset(name)
-    except Exception as err:  # network drops, missing splits, cache permissions...
-        raise DataError(f"downloading {name!r} from the hub failed ({type(err).__name__}: {err})") from err
-    return _from_datasets(dataset, f"hub:{name}", image_column, label_column)
+    if name is None:
+        raise DataError("the hub was skipped: the hub fallback is off (hub_name=None)")
+    return _from_datasets(load_hub_dataset(name), f"hub:{name}", image_column, label_column)
 
 
 def _from_datasets(dataset: Any, source: str, image_column: str | None, label_column: str | None) -> ImageData:

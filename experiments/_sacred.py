@@ -13,16 +13,16 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
-import warnings
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # raised by sacred 0.8.7's import
-from sacred import Experiment
-from sacred.observers import FileStorageObserver
-from sacred.utils import SacredError, apply_backspaces_and_linefeeds
+from sacred import Experiment  # noqa: E402 - after the warnings filter
+from sacred.observers import FileStorageObserver  # noqa: E402 - after the warnings filter
+from sacred.utils import SacredError, apply_backspaces_and_linefeeds  # noqa: E402 - after the warnings filter
 
-from shared.errors import UserFacingError
+from shared.errors import UserFacingError  # noqa: E402 - after the warnings filter
 
 
 class RunError(SacredError):
@@ -144,8 +144,8 @@ class SacredRecorder:
     genotype goes to run info (`genotype`, `genotype_history`) and to the artifacts `genotype.json` and
     `genotype_history.json`, and the softmax of the alphas of every epoch to `alphas.json`; a training's genotype is
     fixed and recorded once by its experiment. When an early stop ends a search, `genotype` and genotype.json are the
-    genotype it chose and run info `early_stop` holds its decision. The checkpoint is the run folder's `checkpoint.pt` (and an artifact
-    for observers that keep no folder, such as MongoDB).
+    genotype it chose and run info `early_stop` holds its decision. The checkpoint is the run folder's
+    `checkpoint.pt` (and an artifact for observers that keep no folder, such as MongoDB).
     """
 
     def __init__(self, run: Any, folder: Path, search: bool = True) -> None:
@@ -267,9 +267,10 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     folder = run_folder(run)
     task = build_task()
     stopper = None if collapse is None else EarlyStop(collapse, task.skip_metric)
-    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", SacredRecorder(run, folder, genotype is None),
-                         config, resume_state, deadline=None if limit is None else started + 60.0 * limit,
-                         early_stop=stopper)
+    recorder = SacredRecorder(run, folder, genotype is None)
+    deadline = None if limit is None else started + 60.0 * limit
+    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", recorder, config, resume_state,
+                         deadline=deadline, early_stop=stopper)
     if history and history[-1].epoch < config["epochs"] and history[-1].stop is None:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}

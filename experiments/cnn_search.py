@@ -12,8 +12,15 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import (RESUMABLE_CHANGES, collapse_config, collapse_from, make_experiment, run_tracked,
-                                 search_result, user_errors)
+from experiments._sacred import (
+    RESUMABLE_CHANGES,
+    collapse_config,
+    collapse_from,
+    make_experiment,
+    run_tracked,
+    search_result,
+    user_errors,
+)
 from shared.device import resolve_device
 
 ex = make_experiment("cnn_search")
@@ -22,7 +29,7 @@ ex.config(collapse_config)  # the collapse diagnostics and early stopping every 
 
 @ex.config
 def config() -> None:
-    data_dir = None  # CIFAR-10 python version (tarball, cifar-10-batches-py/ or its files); None: $DARTS_DATA_DIR, ./data/cifar10, hub
+    data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
     device = "auto"  # auto | cpu | cuda | cuda:N
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain

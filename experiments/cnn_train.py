@@ -12,8 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments._sacred import (RESUMABLE_CHANGES, make_experiment, record_training, resolve_genotype,
-                                 user_errors)
+from experiments._sacred import RESUMABLE_CHANGES, make_experiment, record_training, resolve_genotype, user_errors
 from shared.device import resolve_device
 
 ex = make_experiment("cnn_train")
@@ -21,7 +20,7 @@ ex = make_experiment("cnn_train")
 
 @ex.config
 def config() -> None:
-    data_dir = None  # CIFAR-10 python version (tarball, cifar-10-batches-py/ or its files); None: $DARTS_DATA_DIR, ./data/cifar10, hub
+    data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 0  # the original cnn/train.py's; seeds the weights, the held-out split, augmentation and drop path
     device = "auto"  # auto | cpu | cuda | cuda:N

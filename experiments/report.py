@@ -24,8 +24,7 @@ from experiments._report_cells import cell_svg, genotype_cells
 from experiments._report_doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
 from experiments._report_plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
 from experiments._report_runs import Run, assign_labels, discover, load_run
-from experiments._report_tables import (NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row,
-                                        utc_now)
+from experiments._report_tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
 from shared.genotypes import to_dict
 
 logger = logging.getLogger(__name__)

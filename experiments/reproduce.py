@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import REPO_ROOT, SOURCE_PACKAGES, RunError, package_sources, runs_dir
 from sacred import Experiment
 from sacred.dependencies import get_digest
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError
+
+from experiments._sacred import REPO_ROOT, SOURCE_PACKAGES, RunError, package_sources, runs_dir
 from shared.errors import UserFacingError
 
 # Metrics that measure wall-clock time differ between any two runs, so they are not compared: these names, and any

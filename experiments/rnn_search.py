@@ -11,8 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import (collapse_config, collapse_from, make_experiment, run_tracked, search_result,
-                                 user_errors)
+from experiments._sacred import collapse_config, collapse_from, make_experiment, run_tracked, search_result, user_errors
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig

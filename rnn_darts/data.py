@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from shared.errors import ConfigError, DataError
+from shared.hub import data_folder, load_hub_dataset, offline_reason, one_line, quiet_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ UNK = "<unk>"
 HUB_ID = "ptb-text-only/ptb_text_only"  # Hugging Face hub copy of the same Mikolov text
 HUB_COLUMN = "sentence"
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
-HUB_PROBE_TIMEOUT_S = 5.0  # offline machines must fail in seconds, not after minutes of retries
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _UNBOUNDED_VOCAB = 2**31 - 1  # the corpus decides the vocabulary (10k on PTB), not the trainer
 
 
@@ -54,13 +52,7 @@ class Corpus:
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
     """Where the corpus lives: `data_dir` if given; else $DARTS_DATA_DIR (or its `ptb/`); else ./data/ptb."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("DARTS_DATA_DIR")
-    if env:
-        root = Path(env).expanduser()
-        return root if (root / SPLIT_FILES["train"]).is_file() else root / "ptb"
-    return Path("data") / "ptb"
+    return data_folder(data_dir, "ptb", lambda root: (root / SPLIT_FILES["train"]).is_file())
 
 
 def load_corpus(data_dir: str | Path | None = None) -> Corpus:
@@ -114,7 +106,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises bare Exceptions for malformed JSON
-        raise DataError(f"{path} is not a tokenizer JSON file ({_one_line(exc)}); "
+        raise DataError(f"{path} is not a tokenizer JSON file ({one_line(exc)}); "
                         "pass the file that save_tokenizer wrote") from exc
 
 
@@ -215,13 +207,13 @@ def _read_local(folder: Path) -> dict[str, list[str]]:
     features = datasets.Features({"text": datasets.Value("string")})
     # The arrow cache goes to a temporary folder and the tables are kept in memory: PTB is 5 MB, re-reading it
     # is faster than managing a persistent cache, and nothing is left behind.
-    with tempfile.TemporaryDirectory(prefix="ptb-") as cache_dir, _quiet_progress_bars():
+    with tempfile.TemporaryDirectory(prefix="ptb-") as cache_dir, quiet_progress_bars():
         try:
             dataset = datasets.load_dataset("text", data_files={s: str(p) for s, p in paths.items()},
                                             features=features, cache_dir=cache_dir, keep_in_memory=True)
         except Exception as exc:  # datasets wraps decoding errors in DatasetGenerationError
             _raise_if_not_utf8(paths.values())
-            raise DataError(f"could not read the corpus in {folder}: {_one_line(exc.__cause__ or exc)}; "
+            raise DataError(f"could not read the corpus in {folder}: {one_line(exc.__cause__ or exc)}; "
                             "check that the three files are plain text, one sentence per line") from exc
         # Slicing the whole split returns its column as one list; iterating a Column goes row by row (~100x slower).
         return {split: dataset[split][:]["text"] for split in SPLIT_FILES}
@@ -232,21 +224,16 @@ def _read_hub(folder: Path) -> dict[str, list[str]]:
     remedies = (f"no corpus folder at {folder.absolute()}: point data_dir or DARTS_DATA_DIR at a folder with "
                 f"ptb.train.txt, ptb.valid.txt and ptb.test.txt, or go online to download PTB from the "
                 f"Hugging Face hub ({HUB_ID})")
-    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
-    if offline:
-        raise DataError(f"{remedies} (hub skipped because {'/'.join(offline)} is set)")
-    logger.warning("no corpus folder at %s; trying the Hugging Face hub (%s)", folder, HUB_ID)
+    if offline_reason() is None:
+        logger.warning("no corpus folder at %s; trying the Hugging Face hub (%s)", folder, HUB_ID)
     try:
-        import datasets
-        from huggingface_hub import HfApi
-
-        # A cheap metadata request with a short timeout: without it an offline machine waits on retries.
-        HfApi().dataset_info(HUB_ID, timeout=HUB_PROBE_TIMEOUT_S)
-        with _quiet_progress_bars():
-            dataset = datasets.load_dataset(HUB_ID)
+        dataset = load_hub_dataset(HUB_ID)
         return {split: dataset[hub_split][:][HUB_COLUMN] for split, hub_split in HUB_SPLITS.items()}
-    except Exception as exc:  # network, auth and format errors all leave the user with the same two remedies
-        raise DataError(f"{remedies} (hub download failed: {type(exc).__name__}: {_one_line(exc)})") from exc
+    except DataError as error:
+        raise DataError(f"{remedies} ({error})") from error
+    except Exception as error:  # a dataset without the expected splits or column
+        raise DataError(f"{remedies} (the hub copy is not PTB as expected: {type(error).__name__}: "
+                        f"{one_line(error)})") from error
 
 
 def _build_corpus(lines: dict[str, list[str]], names: dict[str, str], source: str) -> Corpus:
@@ -280,7 +267,7 @@ def _encode(tokenizer: Tokenizer, lines: Sequence[str], split: str, name: str) -
     except Exception as exc:  # WordLevel raises a bare Exception for an unknown word when <unk> is absent
         unknown = _first_unknown(tokenizer, lines)
         if unknown is None:
-            raise DataError(f"could not tokenize the {split} split ({name}): {_one_line(exc)}") from exc
+            raise DataError(f"could not tokenize the {split} split ({name}): {one_line(exc)}") from exc
         word, line_no = unknown
         raise DataError(f"the {split} split ({name}, line {line_no}) has the word {word!r}, which is not in the "
                         f"training vocabulary and the vocabulary has no {UNK}; add {UNK} to the training text "
@@ -313,20 +300,3 @@ def _empty_split(split: str, name: str) -> DataError:
     return DataError(f"the {split} split ({name}) holds no words; every split needs text, one sentence per line")
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Silence the datasets progress bars for one call, then restore the caller's setting."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()

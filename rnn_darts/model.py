@@ -9,7 +9,7 @@ a single activation, as the genotype says, and there is no BatchNorm:
 
 with (f_i, p) = genotype.recurrent[i], and h_t the mean of the states named by genotype.concat.
 
-    tokens (T, B) -> embed (T, B, ninp) -> cell, step by step -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
+    tokens (T, B) -> embed (T, B, ninp) -> cell, stepwise -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
 """
 from __future__ import annotations
 

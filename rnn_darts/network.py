@@ -1,7 +1,7 @@
 """What the search supernet and the derived network share: the tied language model around a recurrent cell, the
 cell's input step, and the checks of their configs.
 
-    tokens (T, B) -> embed (T, B, ninp) -> cell, step by step -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
+    tokens (T, B) -> embed (T, B, ninp) -> cell, stepwise -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
 
 Both cells start a time step the same way: s_0 = h_{t-1} + sigmoid(c_0) * (tanh(h_0) - h_{t-1}) with
 c_0, h_0 = split(cat(x_t * x_mask, h_{t-1} * h_mask) @ W0); they differ in how their nodes read earlier states.

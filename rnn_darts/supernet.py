@@ -9,7 +9,7 @@ step of (x_t, h_{t-1}); node i mixes every earlier state s_j through every candi
 and the cell output h_t is the mean of s_1..s_steps. Embedding and decoder are tied; the dropouts are AWD-LSTM's.
 The alphas are an `nn.Parameter` on the supernet (state dict, `functional_call`), split from the weights by name.
 
-    tokens (T, B) -> embed (T, B, ninp) -> cell, step by step -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
+    tokens (T, B) -> embed (T, B, ninp) -> cell, stepwise -> outputs (T, B, nhid) -> decoder -> logits (T, B, ntoken)
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ class RNNGenotype:
         _check_ops(self.recurrent, "recurrent", RNN_PRIMITIVES)
         for node, (_, pred) in enumerate(self.recurrent, start=1):
             if not 0 <= pred < node:
-                raise GenotypeError(f"recurrent[{node - 1}]: input index {pred} must be in 0..{node - 1} for node {node}")
+                raise GenotypeError(f"recurrent[{node - 1}]: input index {pred} must be in 0..{node - 1} "
+                                    f"for node {node}")
         _check_concat(self.concat, "concat", 1, len(self.recurrent))
 
     @property
@@ -96,7 +97,8 @@ class CNNGenotype:
             _check_ops(edges, cell, CNN_PRIMITIVES)
             for k, (_, index) in enumerate(edges):
                 if not 0 <= index < k // 2 + 2:
-                    raise GenotypeError(f"{cell}[{k}]: input index {index} must be in 0..{k // 2 + 1} for node {k // 2}")
+                    raise GenotypeError(f"{cell}[{k}]: input index {index} must be in 0..{k // 2 + 1} "
+                                        f"for node {k // 2}")
             _check_concat(concat, f"{cell}_concat", 2, len(edges) // 2 + 1)
 
     @property

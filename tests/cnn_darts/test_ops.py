@@ -1,7 +1,6 @@
 """The CNN op registry: every op builds, keeps or halves the resolution, and matches its textbook definition."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

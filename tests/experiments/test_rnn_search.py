@@ -115,7 +115,8 @@ def test_resuming_a_finished_search_says_nothing_is_left(tmp_path: Path) -> None
     assert first.returncode == 0, first.stderr
     result = tiny_search(tmp_path, "epochs=1", f"resume={first.run_dir(1)}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "the checkpoint has done 1 epochs and epochs=1: nothing is left to run; raise epochs above 1" in result.stderr
+    assert ("the checkpoint has done 1 epochs and epochs=1: nothing is left to run; raise epochs above 1"
+            in result.stderr)
 
 
 PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 35", "learning_rate = 20.0",

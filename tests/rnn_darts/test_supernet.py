@@ -158,7 +158,8 @@ def test_cell_matches_reference_loop(primitives: tuple[str, ...], masked: bool) 
     # The architecture step differentiates this path: the gradients must agree too.
     probe = torch.randn(got.shape, dtype=torch.float64, generator=gen)
     inputs = [model.alphas, cell.W0, *cell.Ws]
-    for a, b in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs)):
+    expected = torch.autograd.grad((want * probe).sum(), inputs)
+    for a, b in zip(torch.autograd.grad((got * probe).sum(), inputs), expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
