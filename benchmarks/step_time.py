@@ -68,7 +68,7 @@ def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple
     from rnn_darts.supernet import SupernetConfig
 
     corpus = synthetic_corpus(args.ntoken, tokens=4 * args.batch * (args.bptt + 1), seed=0)
-    model = SupernetConfig(ntoken=args.ntoken, ninp=args.nhid, nhid=args.nhid, nhidlast=args.nhid, steps=args.steps)
+    model = SupernetConfig(ntoken=args.ntoken, ninp=args.nhid, nhid=args.nhid, steps=args.steps)
     config = SearchConfig(order=mode, batch_size=args.batch, eval_batch_size=args.batch)  # no evaluation is timed
     task = RNNSearchTask(corpus, model, config, device, seed=0)
     task.model.train()

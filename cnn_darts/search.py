@@ -71,8 +71,8 @@ class CNNSearchTask(SchedulerGeneratorState):
                                      momentum=config.momentum, weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.5, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        order = "first" if config.order == "plain" else config.order
-        self.engine = Bilevel(self.model, weight_opt, arch_opt, BilevelConfig(order=order, grad_clip=config.grad_clip))
+        self.engine = Bilevel(self.model, weight_opt, arch_opt,
+                              BilevelConfig(order=config.order, grad_clip=config.grad_clip))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
@@ -91,10 +91,9 @@ class CNNSearchTask(SchedulerGeneratorState):
         return loss_fn
 
     def train_step(self, x: Tensor, y: Tensor, xa: Tensor, ya: Tensor) -> dict[str, Tensor]:
-        """One search step: the architecture step on (xa, ya) (unless plain), the weight step on (x, y). Returns the
+        """One search step: the architecture step on (xa, ya) (none for plain), the weight step on (x, y). Returns the
         weight batch's loss and number of correct predictions, detached and on the device."""
-        if self.config.order != "plain":
-            self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))
+        self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))  # plain: no architecture step
         keep: dict[str, Tensor] = {}
         self.engine.weight_step(self.loss(x, y, keep))
         return keep

@@ -181,8 +181,29 @@ class SacredRecorder:
             self.run.add_artifact(str(path), name="checkpoint.pt")
 
 
-def collapse_config() -> None:
-    """The collapse diagnostics and early stopping of every search (`shared.collapse.CollapseConfig`)."""
+# Config scopes the experiments add to their own (`ex.config(...)`, after their own so that its comments win).
+# Comments here become `print_config`'s; a docstring would print as the whole config's.
+def common_config() -> None:  # the keys every search and training shares, with one meaning everywhere
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    threads = 0  # torch CPU threads (0: torch's default)
+    resume = None  # a run folder or checkpoint.pt to continue from in a new run (README: which keys may change)
+    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+
+
+def paper() -> None:  # a named config: the paper's configuration is every experiment's default (tests check it)
+    pass  # so `with paper` is a valid command line that changes nothing
+
+
+def config_values(cls: Any, config: dict[str, Any], renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The values of dataclass `cls`'s fields in a run's config; `renamed` maps a field to its config key where
+    the two differ (e.g. ninp -> emsize). Fields the config does not hold (sizes read from the data) are the
+    caller's to add."""
+    renamed = renamed or {}
+    keys = {name: renamed.get(name, name) for name in cls.__dataclass_fields__}
+    return {name: config[key] for name, key in keys.items() if key in config}
+
+
+def collapse_config() -> None:  # the collapse diagnostics and early stopping of every search (shared.collapse)
     hessian_every = 2  # the dominant eigenvalue of the alpha Hessian (RobustDARTS) every N epochs; 0: never
     hessian_iterations = 20  # cost cap: Hessian-vector products per measurement (Lanczos)
     hessian_tol = 1e-3  # stop a measurement once its relative residual is below this
@@ -192,13 +213,6 @@ def collapse_config() -> None:
     early_stop_window = 5  # robust: measurements per local average
     early_stop_delta = 4  # robust: compare with the local average this many measurements earlier
     early_stop_skips = 2  # skip: stop once the cell holds this many skip_connect (CNN normal cell) / identity (RNN)
-
-
-def collapse_from(config: dict[str, Any]) -> Any:
-    """The run's CollapseConfig (checked: a bad value is one line before any data loads)."""
-    from shared.collapse import CollapseConfig
-
-    return CollapseConfig(**{k: config[k] for k in CollapseConfig.__dataclass_fields__})
 
 
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
@@ -245,8 +259,11 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
         raise ConfigError(f"time_limit must be a positive number of minutes or None, got {limit!r}")
     if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], int) or config["epochs"] < 1:
         raise ConfigError(f"epochs must be a positive integer, got {config['epochs']!r}")
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
+    threads = config.get("threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"threads must be 0 (torch's default) or a positive integer, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(config["seed"])
     resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
     if resume_state is not None:

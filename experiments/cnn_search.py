@@ -12,26 +12,23 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import (
-    RESUMABLE_CHANGES,
-    collapse_config,
-    collapse_from,
-    make_experiment,
-    run_tracked,
-    search_result,
-    user_errors,
-)
+from experiments._sacred import (RESUMABLE_CHANGES, collapse_config, common_config, config_values,
+                                 make_experiment, paper, run_tracked, search_result, user_errors)
+from shared.collapse import CollapseConfig
 from shared.device import resolve_device
 
+# The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
+# with the config keys named otherwise than their fields.
+CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
+RENAMED = {"C": "init_channels"}
+
 ex = make_experiment("cnn_search")
-ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
 
 
 @ex.config
 def config() -> None:
     data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
-    device = "auto"  # auto | cpu | cuda | cuda:N
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     epochs = 50
     batch_size = 64  # weight and architecture batches
@@ -47,26 +44,10 @@ def config() -> None:
     init_channels = 16  # C of the first cell
     layers = 8  # cells; reductions at 1/3 and 2/3 of the depth
     steps = 4  # intermediate nodes per cell
-    threads = 0  # torch CPU threads (0: torch's default)
-    resume = None  # a run folder or checkpoint.pt to continue from (same config, same epochs)
-    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+ex.config(common_config)  # device, threads, resume, time_limit
+ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
+ex.named_config(paper)  # `with paper`: the defaults
 
-
-@ex.named_config
-def paper() -> None:
-    # The paper's search (Liu et al. 2019, section 3.1 and appendix A.1.1).
-    order = "second"
-    epochs = 50
-    batch_size = 64
-    learning_rate = 0.025
-    learning_rate_min = 0.001
-    momentum = 0.9
-    weight_decay = 3e-4
-    grad_clip = 5.0
-    arch_learning_rate = 3e-4
-    arch_weight_decay = 1e-3
-    init_channels = 16
-    layers = 8
 
 
 @ex.named_config
@@ -83,16 +64,16 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, init_channels: int,
-         layers: int, steps: int) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, steps: int
+         ) -> dict[str, Any]:
     config = dict(_config)
-    collapse = collapse_from(config)
+    collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
 
     def build_task() -> CNNSearchTask:
         data = load_cifar10(data_dir)
-        model_config = SupernetConfig(C=init_channels, num_classes=len(data.classes), layers=layers, steps=steps,
-                                      multiplier=steps)
-        search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
+        model_config = SupernetConfig(num_classes=len(data.classes), multiplier=steps,  # every node is concatenated
+                                      **config_values(SupernetConfig, config, RENAMED))
+        search_config = SearchConfig(**config_values(SearchConfig, config))
         return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed, collapse)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.

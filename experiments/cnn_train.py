@@ -12,8 +12,14 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments._sacred import RESUMABLE_CHANGES, make_experiment, record_training, resolve_genotype, user_errors
+from experiments._sacred import (RESUMABLE_CHANGES, common_config, config_values, make_experiment, paper,
+                                 record_training, resolve_genotype, user_errors)
 from shared.device import resolve_device
+
+# The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
+# with the config keys named otherwise than their fields.
+CONFIGS = (TrainConfig, NetworkConfig)
+RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_train")
 
@@ -23,7 +29,6 @@ def config() -> None:
     data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 0  # the original cnn/train.py's; seeds the weights, the held-out split, augmentation and drop path
-    device = "auto"  # auto | cpu | cuda | cuda:N
     epochs = 600  # also the length of the cosine schedule and of the drop-path ramp
     batch_size = 96
     eval_batch_size = 256  # validation and test
@@ -41,27 +46,9 @@ def config() -> None:
     test_images = None  # only the first N test images (None: all)
     init_channels = 36  # C of the first cell
     layers = 20  # cells; reductions at 1/3 and 2/3 of the depth
-    threads = 0  # torch CPU threads (0: torch's default)
-    resume = None  # a run folder or checkpoint.pt to continue from (same config, same epochs)
-    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+ex.config(common_config)  # device, threads, resume, time_limit
+ex.named_config(paper)  # `with paper`: the defaults
 
-
-@ex.named_config
-def paper() -> None:
-    # The paper's CIFAR-10 evaluation (Liu et al. 2019, appendix A.2; cnn/train.py of quark0/darts).
-    genotype_from = "DARTS_V2"
-    epochs = 600
-    batch_size = 96
-    learning_rate = 0.025
-    momentum = 0.9
-    weight_decay = 3e-4
-    grad_clip = 5.0
-    auxiliary = True
-    auxiliary_weight = 0.4
-    drop_path_prob = 0.2
-    cutout_size = 16
-    init_channels = 36
-    layers = 20
 
 
 @ex.named_config
@@ -81,15 +68,14 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
-         device: str, init_channels: int, layers: int, auxiliary: bool) -> dict[str, Any]:
+         device: str) -> dict[str, Any]:
     config = dict(_config)
     genotype, source = resolve_genotype(genotype_from, "cnn")
 
     def build_task() -> CNNTrainTask:
         data = load_cifar10(data_dir)
-        model_config = NetworkConfig(C=init_channels, layers=layers, num_classes=len(data.classes),
-                                     auxiliary=auxiliary)
-        train_config = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__})
+        model_config = NetworkConfig(num_classes=len(data.classes), **config_values(NetworkConfig, config, RENAMED))
+        train_config = TrainConfig(**config_values(TrainConfig, config))
         return CNNTrainTask(data, genotype, model_config, train_config, resolve_device(device), seed)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.

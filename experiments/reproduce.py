@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# experiments._sacred first: it silences sacred 0.8.7's pkg_resources warning before sacred is imported.
+from experiments._sacred import REPO_ROOT, SOURCE_PACKAGES, RunError, package_sources, runs_dir
 from sacred import Experiment
 from sacred.dependencies import get_digest
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError
 
-from experiments._sacred import REPO_ROOT, SOURCE_PACKAGES, RunError, package_sources, runs_dir
 from shared.errors import UserFacingError
 
 # Metrics that measure wall-clock time differ between any two runs, so they are not compared: these names, and any
@@ -125,8 +126,12 @@ def source_changes(record: Record, root: Path = REPO_ROOT) -> list[str]:
     """One line per recorded source file that changed (its md5 is in its stored name, `_sources/<stem>_<md5>.py`)
     or is gone since the run, and one naming the current source files the run did not record."""
     base = Path(str(record.experiment.get("base_dir", "")))
-    prefix = f"{base.name}/" if base.name in SOURCE_PACKAGES else ""  # older runs: base_dir experiments/
-    recorded = {prefix + str(name): _MD5.search(str(stored)) for name, stored in record.experiment.get("sources", [])}
+    sources = record.experiment.get("sources", [])
+    # Older runs recorded experiments/ files only, relative to base_dir experiments/; newer ones every package file,
+    # relative to the repository root, whatever the checkout folder is called (it may be named like a package).
+    flat = all("/" not in str(name) for name, _ in sources)
+    prefix = f"{base.name}/" if flat and base.name in SOURCE_PACKAGES else ""
+    recorded = {prefix + str(name): _MD5.search(str(stored)) for name, stored in sources}
     lines = []
     for name, md5 in sorted(recorded.items()):
         if not (root / name).is_file():

@@ -11,21 +11,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import collapse_config, collapse_from, make_experiment, run_tracked, search_result, user_errors
+from experiments._sacred import (collapse_config, common_config, config_values, make_experiment, paper, run_tracked,
+                                 search_result, user_errors)
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
+from shared.collapse import CollapseConfig
 from shared.device import resolve_device
 
+# The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
+# with the config keys named otherwise than their fields.
+CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
+RENAMED = {"ninp": "emsize"}
+
 ex = make_experiment("rnn_search")
-ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
 
 
 @ex.config
 def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
-    device = "auto"  # auto | cpu | cuda | cuda:N
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     epochs = 50
     batch_size = 256  # weight and architecture batches
@@ -52,26 +57,10 @@ def config() -> None:
     dropoutx = 0.75  # cell input (per sequence)
     dropouti = 0.2  # embedding output (locked)
     dropoute = 0.0  # whole words
-    threads = 0  # torch CPU threads (0: torch's default)
-    resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
-    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+ex.config(common_config)  # device, threads, resume, time_limit
+ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
+ex.named_config(paper)  # `with paper`: the defaults
 
-
-@ex.named_config
-def paper() -> None:
-    # The paper's search (Liu et al. 2019, section 3.1 and appendix A.1.2).
-    order = "second"
-    epochs = 50
-    batch_size = 256
-    bptt = 35
-    learning_rate = 20.0
-    weight_decay = 5e-7
-    grad_clip = 0.25
-    arch_learning_rate = 3e-3
-    arch_weight_decay = 1e-3
-    emsize = 300
-    nhid = 300
-    dropout, dropouth, dropoutx, dropouti, dropoute = 0.75, 0.25, 0.75, 0.2, 0.0
 
 
 @ex.named_config
@@ -94,21 +83,16 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, emsize: int, nhid: int,
-         steps: int, init_range: float, input_init_range: float | None, dropout: float, dropouth: float,
-         dropoutx: float, dropouti: float, dropoute: float) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str) -> dict[str, Any]:
     config = dict(_config)
-    collapse = collapse_from(config)
+    collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
 
     def build_task() -> RNNSearchTask:
         corpus = load_corpus(data_dir)
         with tempfile.TemporaryDirectory() as tmp:  # the observer copies artifacts into the run folder
             _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
-        model_config = SupernetConfig(
-            ntoken=corpus.ntoken, ninp=emsize, nhid=nhid, nhidlast=nhid, steps=steps, init_range=init_range,
-            input_init_range=input_init_range, dropout=dropout, dropouth=dropouth, dropoutx=dropoutx,
-            dropouti=dropouti, dropoute=dropoute)
-        search_config = SearchConfig(**{k: config[k] for k in SearchConfig.__dataclass_fields__})
+        model_config = SupernetConfig(ntoken=corpus.ntoken, **config_values(SupernetConfig, config, RENAMED))
+        search_config = SearchConfig(**config_values(SearchConfig, config))
         return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed, collapse)
 
     return search_result(run_tracked(_run, config, build_task, collapse=collapse)[1], "valid_ppl")

@@ -12,11 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import make_experiment, record_training, resolve_genotype, user_errors
+from experiments._sacred import (common_config, config_values, make_experiment, paper, record_training,
+                                 resolve_genotype, user_errors)
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.model import ModelConfig
 from rnn_darts.train import RNNTrainTask, TrainConfig
 from shared.device import resolve_device
+
+# The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
+# with the config keys named otherwise than their fields.
+CONFIGS = (TrainConfig, ModelConfig)
+RENAMED = {"ninp": "emsize"}
 
 ex = make_experiment("rnn_train")
 
@@ -26,7 +32,6 @@ def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 1267  # the original rnn/train.py's; seeds the weights, the dropout masks and the BPTT window lengths
-    device = "auto"  # auto | cpu | cuda | cuda:N
     epochs = 8000  # the original rnn/train.py's default (the paper: "until convergence")
     batch_size = 64
     eval_batch_size = 10  # validation every epoch
@@ -49,29 +54,9 @@ def config() -> None:
     dropoutx = 0.75  # cell input (per sequence)
     dropouti = 0.2  # embedding output (locked)
     dropoute = 0.1  # whole words (the paper's 0.1; the original rnn/train.py's default is 0)
-    threads = 0  # torch CPU threads (0: torch's default)
-    resume = None  # a run folder or checkpoint.pt to continue from (same config, more epochs allowed)
-    time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+ex.config(common_config)  # device, threads, resume, time_limit
+ex.named_config(paper)  # `with paper`: the defaults
 
-
-@ex.named_config
-def paper() -> None:
-    # The paper's PTB evaluation (Liu et al. 2019, appendix A.2; rnn/train.py of quark0/darts).
-    genotype_from = "DARTS_V2"
-    seed = 1267
-    epochs = 8000
-    batch_size = 64
-    eval_batch_size = 10
-    test_batch_size = 1
-    bptt = 35
-    learning_rate = 20.0
-    weight_decay = 8e-7
-    grad_clip = 0.25
-    beta = 1e-3
-    nonmono = 5
-    emsize = 850
-    nhid = 850
-    dropout, dropouth, dropoutx, dropouti, dropoute = 0.75, 0.25, 0.75, 0.2, 0.1
 
 
 @ex.named_config
@@ -95,8 +80,7 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
-         device: str, emsize: int, nhid: int, init_range: float, input_init_range: float | None, dropout: float,
-         dropouth: float, dropoutx: float, dropouti: float, dropoute: float) -> dict[str, Any]:
+         device: str) -> dict[str, Any]:
     config = dict(_config)
     genotype, source = resolve_genotype(genotype_from, "rnn")
 
@@ -104,10 +88,8 @@ def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, ge
         corpus = load_corpus(data_dir)
         with tempfile.TemporaryDirectory() as tmp:  # the observer copies artifacts into the run folder
             _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
-        model_config = ModelConfig(
-            ntoken=corpus.ntoken, ninp=emsize, nhid=nhid, init_range=init_range, input_init_range=input_init_range,
-            dropout=dropout, dropouth=dropouth, dropoutx=dropoutx, dropouti=dropouti, dropoute=dropoute)
-        train_config = TrainConfig(**{k: config[k] for k in TrainConfig.__dataclass_fields__})
+        model_config = ModelConfig(ntoken=corpus.ntoken, **config_values(ModelConfig, config, RENAMED))
+        train_config = TrainConfig(**config_values(TrainConfig, config))
         return RNNTrainTask(corpus, genotype, model_config, train_config, resolve_device(device), seed)
 
     return record_training(_run, _log, config, build_task, genotype, source, "valid_ppl", best=min)

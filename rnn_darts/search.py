@@ -53,6 +53,10 @@ class SearchConfig:
         for name in ("batch_size", "eval_batch_size", "bptt", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("train_tokens", "eval_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 1):
+                raise ConfigError(f"{name} must be a positive number of tokens or None (all), got {value!r}")
         if self.decoder_bias not in ("zero", "unigram"):
             raise ConfigError(f"decoder_bias must be zero or unigram, got {self.decoder_bias!r}")
         if self.eval_batch_size < 2 or self.batch_size < 2:
@@ -98,8 +102,8 @@ class RNNSearchTask:
                                      weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        order = "first" if config.order == "plain" else config.order
-        self.engine = Bilevel(self.model, weight_opt, arch_opt, BilevelConfig(order=order, grad_clip=config.grad_clip))
+        self.engine = Bilevel(self.model, weight_opt, arch_opt,
+                              BilevelConfig(order=config.order, grad_clip=config.grad_clip))
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
 
     # ---- losses --------------------------------------------------------------------------------------------------
@@ -120,16 +124,15 @@ class RNNSearchTask:
     def train_step(self, x: Tensor, y: Tensor, hidden: Tensor, xa: Tensor, ya: Tensor, arch_hidden: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """One search step on the window x -> y (architecture window xa -> ya): the learning rate scaled by the
-        window length, the architecture step (unless plain), the weight step. Returns the new hidden states
+        window length, the architecture step (none for plain), the weight step. Returns the new hidden states
         (weights, architecture) and the window's cross entropy, all detached and on the device. The learning rate
         stays scaled for this window; `train_epoch` puts it back at the end of the epoch."""
         config = self.config
         for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
             group["lr"] = config.learning_rate * x.size(0) / config.bptt
-        if config.order != "plain":
-            arch_keep: dict[str, Tensor] = {}
-            self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
-            arch_hidden = arch_keep["hidden"]
+        arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain: it never runs)
+        self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
+        arch_hidden = arch_keep["hidden"]
         keep: dict[str, Tensor] = {}
         self.engine.weight_step(self.loss(x, y, hidden, True, keep))
         return keep["hidden"], arch_hidden, keep["cross_entropy"]

@@ -34,7 +34,6 @@ class SupernetConfig:
     ntoken: int  # vocabulary size (10,000 on PTB)
     ninp: int = 300  # embedding size; tied to the decoder, so it must equal nhid
     nhid: int = 300  # cell state size
-    nhidlast: int = 300  # size of the last layer's output (one layer here, so nhid)
     dropout: float = 0.75  # locked dropout on the cell outputs, before the decoder
     dropouth: float = 0.25  # the cell's hidden-state mask, one per sequence
     dropoutx: float = 0.75  # the cell's input mask, one per sequence
@@ -50,7 +49,7 @@ class SupernetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "primitives", tuple(self.primitives))
-        check_config(self, ("ntoken", "ninp", "nhid", "nhidlast", "steps"), ("ninp", "nhid", "nhidlast"))
+        check_config(self, ("ntoken", "ninp", "nhid", "steps"), ("ninp", "nhid"))
         _check_primitives(self.primitives)
 
     @property

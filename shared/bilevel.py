@@ -5,6 +5,7 @@ architecture parameters alpha (the architecture optimizer's). A task hands the e
 `forward` callable -- the model evaluated at some weights -- and return a scalar loss, so the engine can evaluate
 L_train and L_val at shifted weights through `torch.func.functional_call` without copying the model:
 
+    plain:  no architecture step (weight steps only: the baseline every order is compared with)
     first:  grad_alpha L_val(w, alpha)
     second: grad_alpha L_val(w', alpha) - [grad_alpha L_train(w + eps u) - grad_alpha L_train(w - eps u)] / (2 eps)
             w' = one virtual step of the real weight optimizer from g = grad_w L_train(w, alpha), clipped like the
@@ -38,24 +39,23 @@ from shared.virtual_step import check_differentiable, unrolled_step
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], Tensor]
 Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes (DDP); a no-op on one process
-ORDERS = ("first", "second", "exact")
+ORDERS = ("plain", "first", "second", "exact")  # plain: weight steps only, the architecture step does nothing
 
 
 def check_order(order: str) -> None:
-    """A search's `order`: one of the engine's, or plain (weight steps only, no architecture step)."""
-    if order not in ("plain", *ORDERS):
-        raise ConfigError(f"order must be one of plain, {', '.join(ORDERS)}, got {order!r}")
+    """One line unless `order` is one of ORDERS."""
+    if order not in ORDERS:
+        raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
 @dataclass(frozen=True)
 class BilevelConfig:
-    order: str = "second"  # first | second (finite-difference Hessian) | exact (double-backward Hessian)
+    order: str = "second"  # plain (no architecture step) | first | second (finite-difference Hessian) | exact
     grad_clip: float | None = None  # max norm of the weight gradient, for the real and the virtual step alike
     fd_radius: float = 0.01  # r in eps = r / ||u|| (paper eq. 7: r / ||v|| for plain SGD)
 
     def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        check_order(self.order)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if self.fd_radius <= 0:
@@ -116,7 +116,7 @@ class Bilevel:
         self.alphas = [(names[id(p)], p) for g in arch_optimizer.param_groups for p in g["params"]]
         if {n for n, _ in self.weights} & {n for n, _ in self.alphas}:
             raise ConfigError("a parameter is in both the weight and the architecture optimizer")
-        if config.order != "first":
+        if config.order in ("second", "exact"):
             check_differentiable(weight_optimizer)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -136,8 +136,11 @@ class Bilevel:
         self.weight_optimizer.step()
         return loss.detach()
 
-    def arch_step(self, train_loss: LossFn, valid_loss: LossFn) -> Tensor:
-        """One architecture step with the configured order. Returns the validation loss (detached)."""
+    def arch_step(self, train_loss: LossFn, valid_loss: LossFn) -> Tensor | None:
+        """One architecture step with the configured order. Returns the validation loss (detached); None for
+        plain, which evaluates nothing and changes nothing."""
+        if self.config.order == "plain":
+            return None
         result = self.hypergradient(train_loss, valid_loss)
         self.arch_optimizer.zero_grad(set_to_none=True)
         for (_, alpha), grad in zip(self.alphas, result.grads):
@@ -147,6 +150,8 @@ class Bilevel:
 
     def hypergradient(self, train_loss: LossFn, valid_loss: LossFn) -> ArchGradient:
         """The architecture gradient of the configured order, reduced across processes; changes nothing."""
+        if self.config.order == "plain":
+            raise ValueError("order plain takes no architecture gradient")
         if self.config.order == "first":
             result = self._first_order(valid_loss)
         else:

@@ -159,9 +159,13 @@ class EpochProgress:
         self.postfix, self.show_every = postfix, show_every
 
     def add(self, **values: Tensor | float) -> None:
-        self.meter.add(**values)
-        if self.bar.n % self.show_every == 0:
-            self.bar.set_postfix(self.postfix(self.meter.check()))
+        try:
+            self.meter.add(**values)
+            if self.bar.n % self.show_every == 0:
+                self.bar.set_postfix(self.postfix(self.meter.check()))
+        except NonFiniteLoss:  # the epoch ends here: leave no bar open behind the error line
+            self.bar.close()
+            raise
         self.bar.update()
 
     def close(self) -> dict[str, float]:

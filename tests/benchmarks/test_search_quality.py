@@ -15,7 +15,7 @@ def test_benchmark_writes_a_curve_per_order(tmp_path: Path) -> None:
     result = search_quality.main(["--data-dir", str(write_corpus(tmp_path / "corpus")), "--steps", "5",
                                   "--eval-every", "2", "--batch", "4", "--eval-tokens", "60", "--eval-batch", "3",
                                   "--threads", "1",
-                                  "--set", "ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram",
+                                  "--set", "ninp=8", "nhid=8", "steps=2", "decoder_bias=unigram",
                                   "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert list(result["orders"]) == ["plain", "first", "second"]
@@ -27,7 +27,7 @@ def test_benchmark_writes_a_curve_per_order(tmp_path: Path) -> None:
         assert all(point["valid_ppl"] > 1 and 0 <= point["identity_share"] <= 1 for point in curve)
         assert figures["final_genotype"] == curve[-1]["genotype"] and figures["seconds_per_step"] > 0
     assert result["orders"]["plain"]["final_genotype"] == result["orders"]["plain"]["curve"][0]["genotype"]
-    assert result["config"]["set"] == ["ninp=8", "nhid=8", "nhidlast=8", "steps=2", "decoder_bias=unigram"]
+    assert result["config"]["set"] == ["ninp=8", "nhid=8", "steps=2", "decoder_bias=unigram"]
 
 
 def test_a_key_of_no_config_or_of_the_benchmark_is_refused() -> None:

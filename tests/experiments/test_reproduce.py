@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from experiments._sacred import package_sources
-from experiments.reproduce import main
+from experiments.reproduce import Record, main, source_changes
 from tests.conftest import REPO, run_experiment
 from tests.experiments.test_rnn_search import TINY
 from tests.rnn_darts.test_search import write_corpus
@@ -206,3 +206,17 @@ def test_the_new_run_may_not_go_inside_the_old_one(runs: Path, capsys) -> None:
     assert main([str(runs / "1"), "--runs-dir", str(runs / "1" / "again")]) == 2
     assert "is inside the run being reproduced" in capsys.readouterr().err
     assert not (runs / "1" / "again").exists()
+
+
+def test_a_checkout_named_like_a_package_reads_its_own_sources(tmp_path: Path) -> None:
+    """A checkout in a folder called `shared`: the recorded paths are relative to it and must not get a prefix."""
+    root = tmp_path / "shared"
+    (root / "shared").mkdir(parents=True)
+    source = root / "shared" / "x.py"
+    source.write_text("x = 1\n")
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    run = {"experiment": {"base_dir": str(root), "sources": [["shared/x.py", f"_sources/x_{md5}.py"]]}}
+    lines = source_changes(Record(tmp_path, run, {}, {}, {}), root)
+    assert not any("shared/x.py" in line for line in lines), lines
+    old = {"experiment": {"base_dir": str(root / "experiments"), "sources": [["_sacred.py", "_sources/s_0.py"]]}}
+    assert "experiments/_sacred.py: gone since the run" in source_changes(Record(tmp_path, old, {}, {}, {}), root)

@@ -143,3 +143,10 @@ def test_smoke_search_on_real_ptb_ends_ten_percent_below_the_unigram_perplexity(
     assert valid[-1] < valid[0], valid  # it learns from the first evaluation to the last
     assert valid[-1] <= 620, valid
     assert isinstance(load(result.run_dir() / "genotype.json"), RNNGenotype)
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "True"])
+def test_bad_threads_is_one_line(tmp_path: Path, value: str) -> None:
+    result = tiny_search(tmp_path, f"threads={value}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "threads must be 0 (torch's default) or a positive integer" in result.stderr

@@ -43,7 +43,7 @@ class ListRecorder:
         pass
 
 
-TINY_MODEL = dict(ninp=12, nhid=12, nhidlast=12, steps=3, dropout=0.2, dropouth=0.1, dropoutx=0.2, dropouti=0.1)
+TINY_MODEL = dict(ninp=12, nhid=12, steps=3, dropout=0.2, dropouth=0.1, dropoutx=0.2, dropouti=0.1)
 
 
 def make_task(corpus, order: str = "second", seed: int = 0, **changes) -> RNNSearchTask:
@@ -222,3 +222,11 @@ def test_unigram_decoder_bias_sees_all_weight_data_but_no_architecture_data(corp
     else:  # the weight half of the capped stream: the architecture half stays unseen
         expected = log_unigram(corpus.train[:100], corpus.ntoken)
     torch.testing.assert_close(task.model.decoder.bias.detach(), expected)
+
+
+@pytest.mark.parametrize("key", ["train_tokens", "eval_tokens"])
+def test_zero_tokens_is_refused_as_in_the_training(key: str) -> None:
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} must be a positive number of tokens or None"):
+        SearchConfig(**{key: 0})

@@ -21,7 +21,7 @@ OPS = [name for name in ACTIVATIONS.names() if name != NONE]
 
 def tiny(steps: int = 3, **overrides) -> RNNSupernet:
     torch.manual_seed(0)
-    return RNNSupernet(SupernetConfig(ntoken=NTOKEN, ninp=SIZE, nhid=SIZE, nhidlast=SIZE, steps=steps, **overrides))
+    return RNNSupernet(SupernetConfig(ntoken=NTOKEN, ninp=SIZE, nhid=SIZE, steps=steps, **overrides))
 
 
 def tokens(t: int = T, b: int = B, ntoken: int = NTOKEN) -> Tensor:
@@ -261,7 +261,7 @@ def test_unknown_activation_is_a_config_error_naming_it() -> None:
     ("input_init_range", "big"), ("ninp", 200), ("primitives", ("none",)), ("primitives", ("tanh", "tanh")),
 ])
 def test_bad_config_values(field: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=field if field != "ninp" else "ninp, nhid"):
+    with pytest.raises(ConfigError, match=field if field != "ninp" else "ninp and nhid"):
         dataclasses.replace(SupernetConfig(ntoken=10), **{field: value})
 
 

@@ -211,6 +211,16 @@ def test_arch_step_leaves_weights_buffers_and_optimizer_state_bit_identical(orde
     assert all(torch.equal(p.grad, g) for (_, p), g in zip(engine.weights, grads))
 
 
+def test_plain_order_takes_no_architecture_step_and_evaluates_nothing() -> None:
+    model, engine, _ = _setup(order="plain")
+    alphas = model.alphas.detach().clone()
+    untouchable = lambda forward: pytest.fail("plain evaluated a loss")  # noqa: E731
+    assert engine.arch_step(untouchable, untouchable) is None
+    assert torch.equal(model.alphas.detach(), alphas) and model.alphas.grad is None
+    with pytest.raises(ValueError, match="plain"):
+        engine.hypergradient(untouchable, untouchable)
+
+
 def test_first_order_builds_no_weight_gradients() -> None:
     model, engine, loss_on = _setup(order="first")
     engine.weight_optimizer.zero_grad(set_to_none=True)

@@ -98,3 +98,13 @@ def test_a_resumed_call_under_a_passed_deadline_still_does_one_epoch(tmp_path, c
     state = checkpoint.load(tmp_path / "c.pt")
     history = run_epochs(FakeTask(clock), 5, tmp_path / "c.pt", Nowhere(), {}, resume=state, deadline=clock.now - 1)
     assert [r.epoch for r in history] == [1, 2]
+
+
+def test_a_non_finite_loss_closes_the_epochs_progress_bar() -> None:
+    from shared.loop import EpochProgress, NonFiniteLoss
+
+    progress = EpochProgress(30, "epoch 1", lambda sums: {})
+    with pytest.raises(NonFiniteLoss):
+        for _ in range(30):
+            progress.add(loss=torch.tensor(float("nan")))
+    assert progress.bar.disable  # tqdm's mark of a closed bar

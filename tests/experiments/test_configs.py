@@ -1,0 +1,57 @@
+"""One source for every config value: each experiment's Sacred defaults are the defaults of the dataclasses it fills,
+`with paper` changes nothing, and every key reaches a dataclass or the run itself."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import pytest
+
+EXPERIMENTS = ("rnn_search", "cnn_search", "rnn_train", "cnn_train")
+# Keys the experiment or the shared run loop reads itself, not through a dataclass.
+RUN_KEYS = {"data_dir", "seed", "device", "threads", "resume", "time_limit", "epochs", "genotype_from"}
+
+
+def sacred_defaults(ex: Any, named: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for scope in ex.configurations:
+        config.update(scope(preset=config))
+    if named is not None:
+        config.update(ex.named_configs[named](preset=config))
+    return dict(config)
+
+
+def dataclass_defaults(module: Any) -> dict[str, tuple[str, Any]]:
+    """config key -> (Class.field, default) for every field of the experiment's dataclasses that has a default."""
+    found = {}
+    for cls in module.CONFIGS:
+        for field in dataclasses.fields(cls):
+            if field.default is not dataclasses.MISSING:
+                found[module.RENAMED.get(field.name, field.name)] = (f"{cls.__name__}.{field.name}", field.default)
+    return found
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_sacred_default_is_its_dataclass_default(name: str) -> None:
+    module = importlib.import_module(f"experiments.{name}")
+    config, fields = sacred_defaults(module.ex), dataclass_defaults(module)
+    shared = sorted(set(config) & set(fields))
+    assert len(shared) >= 15
+    differ = [f"{key} = {config[key]!r} but {fields[key][0]} = {fields[key][1]!r}" for key in shared
+              if config[key] != fields[key][1] and not (isinstance(fields[key][1], tuple) and
+                                                         list(fields[key][1]) == config[key])]
+    assert not differ, differ
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_key_reaches_a_dataclass_or_the_run(name: str) -> None:
+    module = importlib.import_module(f"experiments.{name}")
+    unused = set(sacred_defaults(module.ex)) - set(dataclass_defaults(module)) - RUN_KEYS
+    assert not unused, f"{name}: config keys nothing reads: {sorted(unused)}"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_with_paper_is_the_defaults(name: str) -> None:
+    ex = importlib.import_module(f"experiments.{name}").ex
+    assert sacred_defaults(ex, "paper") == sacred_defaults(ex)
