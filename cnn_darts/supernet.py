@@ -193,15 +193,15 @@ class Supernet(nn.Module):
         return self.classifier(pooled)
 
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The architecture parameters by name: those whose name contains 'alphas'."""
-        return [(name, p) for name, p in self.named_parameters() if "alphas" in name]
+        """The architecture parameters by name: ALPHA_NAMES."""
+        return [(name, p) for name, p in self.named_parameters() if name in ALPHA_NAMES]
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_arch_parameters()]
 
     def named_weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter that is not an architecture parameter."""
-        return [(name, p) for name, p in self.named_parameters() if "alphas" not in name]
+        return [(name, p) for name, p in self.named_parameters() if name not in ALPHA_NAMES]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_weight_parameters()]

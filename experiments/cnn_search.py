@@ -12,8 +12,10 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments._sacred import (RESUMABLE_CHANGES, collapse_config, common_config, config_values,
-                                 make_experiment, paper, run_tracked, search_result, user_errors)
+from experiments.tracking.config import RESUMABLE_CHANGES, collapse_config, common_config, config_values, paper
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
+from experiments.tracking.runs import run_tracked, search_result
 from shared.collapse import CollapseConfig
 from shared.device import resolve_device
 
@@ -22,7 +24,7 @@ from shared.device import resolve_device
 CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
 RENAMED = {"C": "init_channels"}
 
-ex = make_experiment("cnn_search")
+ex = make_experiment("cnn_search", globals())
 
 
 @ex.config

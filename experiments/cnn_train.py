@@ -12,8 +12,10 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments._sacred import (RESUMABLE_CHANGES, common_config, config_values, make_experiment, paper,
-                                 record_training, resolve_genotype, user_errors)
+from experiments.tracking.config import RESUMABLE_CHANGES, common_config, config_values, paper
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
+from experiments.tracking.runs import record_training, resolve_genotype
 from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
@@ -21,7 +23,7 @@ from shared.device import resolve_device
 CONFIGS = (TrainConfig, NetworkConfig)
 RENAMED = {"C": "init_channels"}
 
-ex = make_experiment("cnn_train")
+ex = make_experiment("cnn_train", globals())
 
 
 @ex.config

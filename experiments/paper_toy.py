@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments._sacred import make_experiment, user_errors
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
 from shared.bilevel import BilevelConfig
 from shared.errors import ConfigError
 from shared.toy import fixed_point, solve
 
-ex = make_experiment("paper_toy")
+ex = make_experiment("paper_toy", globals())
 
 
 @ex.config

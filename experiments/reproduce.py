@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# experiments._sacred first: it silences sacred 0.8.7's pkg_resources warning before sacred is imported.
-from experiments._sacred import REPO_ROOT, SOURCE_PACKAGES, RunError, package_sources, runs_dir
+# experiments.tracking first: its package silences sacred 0.8.7's pkg_resources warning before sacred is imported.
+from experiments.tracking.errors import RunError
+from experiments.tracking.experiment import REPO_ROOT, SOURCE_PACKAGES, package_sources, runs_dir
+from experiments.tracking.folders import read_json
 from sacred import Experiment
 from sacred.dependencies import get_digest
 from sacred.observers import FileStorageObserver
@@ -73,16 +75,17 @@ class Record:
         return list(self.run.get("meta", {}).get("named_configs", []))
 
 
-def read_json(path: Path, required: bool = True) -> dict[str, Any]:
-    """The JSON object in `path`; {} for a missing optional file."""
-    if not path.is_file():
+def read_object(path: Path, required: bool = True) -> dict[str, Any]:
+    """The JSON object in `path` (read by the report's loader too); {} for a missing optional file; RecordError
+    for anything else."""
+    data, problem = read_json(path)
+    if problem == "missing":
         if required:
             raise RecordError(f"{path} is missing: a run folder holds run.json and config.json; pass a complete one")
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RecordError(f"{path} is not valid JSON ({error}): restore the file, or reproduce another run") from None
+    if problem is not None:
+        reason = problem.removeprefix("unparsable ")
+        raise RecordError(f"{path} is not valid JSON {reason}: restore the file, or reproduce another run")
     if not isinstance(data, dict):
         raise RecordError(f"{path} holds a JSON {type(data).__name__}, not an object: restore the file")
     return data
@@ -93,26 +96,26 @@ def load_record(folder: Path) -> Record:
     if not (folder / "run.json").is_file():
         raise RecordError(f"{folder} is not a Sacred run folder (no run.json): pass a numbered run folder such as "
                           f"runs/7")
-    run = read_json(folder / "run.json")
+    run = read_object(folder / "run.json")
     if not isinstance(run.get("experiment"), dict) or not isinstance(run["experiment"].get("name"), str):
         raise RecordError(f"{folder / 'run.json'} names no experiment (experiment.name): restore the file")
     if run.get("status") != "COMPLETED":
         raise RecordError(f"{folder} did not complete (status {run.get('status')}): only a completed run can be "
                           f"compared; resume it or run it again")
-    metrics = read_json(folder / "metrics.json", required=False)
+    metrics = read_object(folder / "metrics.json", required=False)
     for name, series in metrics.items():
         if not (isinstance(series, dict) and isinstance(series.get("steps"), list)
                 and isinstance(series.get("values"), list) and len(series["steps"]) == len(series["values"])):
             raise RecordError(f"{folder / 'metrics.json'}: metric {name!r} lacks equally long steps and values: "
                               f"restore the file")
-    return Record(folder, run, read_json(folder / "config.json"), metrics,
-                  read_json(folder / "info.json", required=False))
+    return Record(folder, run, read_object(folder / "config.json"), metrics,
+                  read_object(folder / "info.json", required=False))
 
 
 def find_experiment(name: str) -> Experiment:
     """`experiments.<name>.ex`, or RecordError naming the experiments there are."""
-    known = sorted(p.stem for p in Path(__file__).parent.glob("*.py")
-                   if not p.stem.startswith("_") and p.stem != Path(__file__).stem)
+    known = sorted(p.stem for p in Path(__file__).parent.glob("*.py")  # every module beside this one is one
+                   if p.stem not in ("__init__", Path(__file__).stem))
     if name not in known:
         raise RecordError(f"run.json names the experiment {name!r}, which is not one of experiments/ "
                           f"({', '.join(known)}): reproduce it with the code that has it")

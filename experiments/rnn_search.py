@@ -11,8 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import (collapse_config, common_config, config_values, make_experiment, paper, run_tracked,
-                                 search_result, user_errors)
+from experiments.tracking.config import collapse_config, common_config, config_values, paper
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
+from experiments.tracking.runs import run_tracked, search_result
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
@@ -24,7 +26,7 @@ from shared.device import resolve_device
 CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
 RENAMED = {"ninp": "emsize"}
 
-ex = make_experiment("rnn_search")
+ex = make_experiment("rnn_search", globals())
 
 
 @ex.config

@@ -12,8 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments._sacred import (common_config, config_values, make_experiment, paper, record_training,
-                                 resolve_genotype, user_errors)
+from experiments.tracking.config import common_config, config_values, paper
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
+from experiments.tracking.runs import record_training, resolve_genotype
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.model import ModelConfig
 from rnn_darts.train import RNNTrainTask, TrainConfig
@@ -24,7 +26,7 @@ from shared.device import resolve_device
 CONFIGS = (TrainConfig, ModelConfig)
 RENAMED = {"ninp": "emsize"}
 
-ex = make_experiment("rnn_train")
+ex = make_experiment("rnn_train", globals())
 
 
 @ex.config

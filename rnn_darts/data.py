@@ -176,6 +176,13 @@ def bptt_windows(n_steps: int, bptt: int, generator: torch.Generator, max_extra:
         start += seq_len
 
 
+def scale_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float, seq_len: int, bptt: int) -> None:
+    """Every group's lr to learning_rate * seq_len / bptt: longer windows, larger steps (AWD-LSTM); seq_len = bptt
+    puts the configured rate back."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate * seq_len / bptt
+
+
 def unigram_perplexity(corpus: Corpus) -> float:
     """Perplexity on the valid split of the unigram model with train-split frequencies (a floor any LM must beat)."""
     counts = torch.bincount(corpus.train, minlength=corpus.ntoken).double()  # (ntoken,)

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
+from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch, scale_learning_rate
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
@@ -128,8 +128,7 @@ class RNNSearchTask:
         (weights, architecture) and the window's cross entropy, all detached and on the device. The learning rate
         stays scaled for this window; `train_epoch` puts it back at the end of the epoch."""
         config = self.config
-        for group in self.engine.weight_optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
-            group["lr"] = config.learning_rate * x.size(0) / config.bptt
+        scale_learning_rate(self.engine.weight_optimizer, config.learning_rate, x.size(0), config.bptt)
         arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain: it never runs)
         self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
         arch_hidden = arch_keep["hidden"]
@@ -142,8 +141,7 @@ class RNNSearchTask:
         progress = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix)
         for seq_len, cross_entropy in self.steps(windows):
             progress.add(cross_entropy=cross_entropy * seq_len, tokens=seq_len)
-        for group in self.engine.weight_optimizer.param_groups:
-            group["lr"] = self.config.learning_rate
+        scale_learning_rate(self.engine.weight_optimizer, self.config.learning_rate, 1, 1)
         sums = progress.close()
         return {**perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"]), **self.curvature(epoch)}
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch
+from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch, scale_learning_rate
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
 from shared.errors import ConfigError
@@ -114,8 +114,7 @@ class RNNTrainTask(FixedGenotypeTask):
     def train_step(self, x: Tensor, y: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """One SGD step on the window x -> y; returns the new hidden state and the window's cross entropy."""
         config = self.config
-        for group in self.optimizer.param_groups:  # longer windows, larger steps (AWD-LSTM)
-            group["lr"] = config.learning_rate * x.size(0) / config.bptt
+        scale_learning_rate(self.optimizer, config.learning_rate, x.size(0), config.bptt)
         self.optimizer.zero_grad(set_to_none=True)
         logits, hidden, outputs, _ = self.model(x, hidden)
         cross_entropy = language_model_loss(logits, y)
@@ -136,8 +135,7 @@ class RNNTrainTask(FixedGenotypeTask):
             x, y = get_batch(self.train_data, start, seq_len)
             hidden, cross_entropy = self.train_step(x, y, hidden)
             progress.add(cross_entropy=cross_entropy * x.size(0), tokens=x.size(0))
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.learning_rate
+        scale_learning_rate(self.optimizer, config.learning_rate, 1, 1)
         sums = progress.close()
         return perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"])
 

@@ -17,8 +17,8 @@ import matplotlib.image
 import pytest
 
 from experiments import report
-from experiments._report_runs import Run, assign_labels, discover
-from experiments._report_tables import duration, genotype_changes, status
+from experiments.report.runs import Run, assign_labels, discover
+from experiments.report.tables import duration, genotype_changes, status
 from shared.genotypes import from_dict, published, to_dict
 from tests.conftest import REPO
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from experiments._sacred import package_sources
+from experiments.tracking.experiment import package_sources
 from experiments.reproduce import Record, main, source_changes
 from tests.conftest import REPO, run_experiment
 from tests.experiments.test_rnn_search import TINY
@@ -73,7 +73,7 @@ def test_a_run_records_the_experiment_module_and_every_source_of_our_packages(ru
     recorded = {name: stored for name, stored in experiment["sources"]}
     for package in ("shared", "rnn_darts", "cnn_darts", "experiments"):
         assert any(name.startswith(f"{package}/") for name in recorded), package
-    assert {"experiments/rnn_search.py", "experiments/_sacred.py", "shared/bilevel.py", "rnn_darts/supernet.py",
+    assert {"experiments/rnn_search.py", "experiments/tracking/runs.py", "shared/bilevel.py", "rnn_darts/supernet.py",
             "cnn_darts/supernet.py"} <= set(recorded)
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in recorded)
     assert {str(p.relative_to(REPO)) for p in package_sources()} >= set(recorded)

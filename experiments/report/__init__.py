@@ -20,11 +20,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from experiments._report_cells import cell_svg, genotype_cells
-from experiments._report_doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
-from experiments._report_plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
-from experiments._report_runs import Run, assign_labels, discover, load_run
-from experiments._report_tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
+from experiments.report.cells import cell_svg, genotype_cells
+from experiments.report.doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
+from experiments.report.plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
+from experiments.report.runs import Run, assign_labels, discover, load_run
+from experiments.report.tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
 from shared.genotypes import to_dict
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {report.markdown} and {report.html} ({len(report.runs)} runs)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

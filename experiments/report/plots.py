@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from experiments._report_runs import Run, metric_kind
+from experiments.report.runs import Run, metric_kind
 from shared.genotypes import CNN_PRIMITIVES, RNN_PRIMITIVES
 
 LOG_RATIO = 3.0  # a perplexity panel whose largest value is this many times its smallest gets a log axis

@@ -5,12 +5,12 @@ writes, and nothing raises on a broken run: a missing or unparsable file becomes
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.tracking.folders import read_json
 from shared.genotypes import Genotype, GenotypeError, from_dict
 
 # A metric's kind is read from its name, so new metrics need no code: `*_ppl` is a perplexity (lower is better),
@@ -66,14 +66,10 @@ class Run:
         return result if isinstance(result, dict) else {}
 
 
-def read_json(path: Path) -> tuple[Any, str | None]:
-    """(parsed JSON, None), or (None, a one-line problem) when the file is missing or unparsable."""
-    if not path.is_file():
-        return None, f"{path.name} missing"
-    try:
-        return json.loads(path.read_text()), None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        return None, f"{path.name} unparsable ({error})"
+def _read(path: Path) -> tuple[Any, str | None]:
+    """(parsed JSON, None), or (None, a note naming the file and its problem)."""
+    data, problem = read_json(path)
+    return data, None if problem is None else f"{path.name} {problem}"
 
 
 def discover(paths: list[Path], skip: Path | None = None) -> tuple[list[Path], list[str]]:
@@ -130,7 +126,7 @@ def load_run(path: Path) -> Run:
 
 
 def _object(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any]:
-    data, problem = read_json(path)
+    data, problem = _read(path)
     if problem and not (missing_ok and data is None and not path.exists()):
         notes.append(problem)
     if data is not None and not isinstance(data, dict):
@@ -140,7 +136,7 @@ def _object(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str,
 
 def _metrics(path: Path, notes: list[str]) -> dict[str, Series]:
     """Sacred's metrics.json ({name: {steps, values, timestamps}}) as Series; a malformed entry becomes a note."""
-    data, problem = read_json(path)
+    data, problem = _read(path)
     if problem:
         notes.append(f"{problem}: no metrics")
         return {}
@@ -173,7 +169,7 @@ def _first_genotype(candidates: list[tuple[str, Any]], notes: list[str]) -> Geno
 
 def _genotype(run: Run) -> Genotype | None:
     """The run's genotype: run info `genotype`, else the artifact genotype.json, else the result's."""
-    artifact, problem = read_json(run.path / "genotype.json")
+    artifact, problem = _read(run.path / "genotype.json")
     if problem and artifact is None and (run.path / "genotype.json").exists():
         run.notes.append(problem)
     return _first_genotype([("info.genotype", run.info.get("genotype")), ("genotype.json", artifact),
@@ -184,7 +180,7 @@ def _artifact_or_info(run: Run, name: str) -> tuple[Any, str]:
     """Run info `name`, else the artifact `name`.json (noting a broken one), with where it came from."""
     if run.info.get(name) is not None:
         return run.info[name], f"info.{name}"
-    data, problem = read_json(run.path / f"{name}.json")
+    data, problem = _read(run.path / f"{name}.json")
     if problem and (run.path / f"{name}.json").exists():
         run.notes.append(problem)
     return data, f"{name}.json"
@@ -209,7 +205,7 @@ def _history(run: Run) -> list[tuple[int, Genotype]]:
 
 def _alphas(run: Run) -> tuple[int | None, dict[str, list[list[float]]]] | None:
     """The last epoch's alpha softmax: artifact alphas.json ([{epoch, alphas}]), else run info `alphas`."""
-    data, problem = read_json(run.path / "alphas.json")
+    data, problem = _read(run.path / "alphas.json")
     if problem and (run.path / "alphas.json").exists():
         run.notes.append(problem)
     epoch, matrices = None, run.info.get("alphas")

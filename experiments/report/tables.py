@@ -8,7 +8,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from experiments._report_runs import Run, Series, metric_kind
+from experiments.report.runs import Run, Series, metric_kind
 from shared.genotypes import Genotype
 
 NONE = "–"  # an empty cell

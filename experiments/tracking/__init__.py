@@ -1,0 +1,18 @@
+"""The Sacred side of every experiment: this package (and `experiments.reproduce`) is the only code that imports
+Sacred.
+
+- `experiment`: an experiment with the house observers and its full source record (`make_experiment`).
+- `config`: the config scopes every experiment shares and the bridge from a run's config to our dataclasses.
+- `errors`: a library's user-facing error as Sacred's one-line failure.
+- `recorder`: the epoch loop's records as Sacred metrics, run info and artifacts.
+- `runs`: what a search or a training does around its task: resume, the epoch loop, results.
+- `folders`: reading a run folder's JSON files (the report and `reproduce` alike).
+
+Runs go to a FileStorageObserver under `runs/` (env DARTS_RUNS_DIR moves it); with env DARTS_MONGO_URL set (e.g.
+mongodb://host:27017) a MongoObserver records them too (database: env DARTS_MONGO_DB, default `darts`). Sacred's
+own `-F DIR` / `-m URL` flags add further observers.
+"""
+import warnings
+
+# Before any submodule imports sacred: sacred 0.8.7 imports pkg_resources, which warns on every start.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")

@@ -1,0 +1,30 @@
+"""A problem with the user's input, raised anywhere in the library, ends a run as one line and a FAILED record."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from sacred.utils import SacredError
+
+from shared.errors import UserFacingError
+
+
+class RunError(SacredError):
+    """A problem with the user's input: printed as one line, and the run is recorded as FAILED."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, print_traceback=False)
+
+
+
+def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a UserFacingError raised by library code into a one-line RunError."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except UserFacingError as error:
+            raise RunError(str(error)) from None
+
+    return wrapper

@@ -1,0 +1,82 @@
+"""An experiment with the house observers, captured-output filter and a record of every source file it can run."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sacred import Experiment
+from sacred.dependencies import Source, get_dependencies_from_sys_modules
+from sacred.observers import FileStorageObserver
+from sacred.utils import apply_backspaces_and_linefeeds
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("DARTS_RUNS_DIR", "runs"))
+
+
+# Every run records all .py files of the packages an experiment's code can come from (experiments -> rnn_darts,
+# cnn_darts -> shared; tests and benchmarks are never imported by a run), relative to the repository root, so that
+# `experiments.reproduce` can tell which files changed since.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SOURCE_PACKAGES = ("shared", "rnn_darts", "cnn_darts", "experiments")
+
+
+def package_sources(root: Path = REPO_ROOT) -> list[Path]:
+    """The .py files of SOURCE_PACKAGES under `root`, sorted."""
+    return sorted(path for package in SOURCE_PACKAGES for path in (root / package).rglob("*.py")
+                  if "__pycache__" not in path.parts)
+
+
+def record_sources(ex: Experiment, module_globals: dict[str, Any]) -> None:
+    """Point the run record at the experiment's own module instead of this one.
+
+    Sacred reads the main file, the sources and the package dependencies from the globals of the module that calls
+    `Experiment(...)`, which is this one: it would record only this package's files. Here the main
+    file is the experiment's module, the sources are every file of our packages, and the dependencies are the
+    versions of all packages imported so far (torch included: the experiment's module imports it indirectly).
+    """
+    mainfile = module_globals.get("__file__")
+    if mainfile is None:  # an interactive session: keep what Sacred found
+        return
+    ex.mainfile = Source.create(mainfile, save_git_info=False)
+    ex.sources = {ex.mainfile} | {Source.create(str(path), save_git_info=False) for path in package_sources()}
+    ex.dependencies |= get_dependencies_from_sys_modules(module_globals, str(REPO_ROOT))
+    ex.doc = module_globals.get("__doc__") or ex.doc  # `--help` shows the experiment's usage
+
+
+def make_experiment(name: str, module_globals: dict[str, Any]) -> Experiment:
+    """An experiment with the house observers; captured output keeps only the last state of progress bars.
+
+    Call it as `make_experiment(name, globals())` at the end of the experiment module's imports: the run records
+    that module as its main file, every source file of our packages (relative to the repository root) and the
+    versions of the imported packages.
+    """
+    ex = Experiment(name, base_dir=str(REPO_ROOT), save_git_info=False)  # Sacred's git probe crashes without commits
+    record_sources(ex, module_globals)
+    ex.pre_run_hook(record_git)
+    ex.observers.append(FileStorageObserver(str(runs_dir())))
+    mongo_url = os.environ.get("DARTS_MONGO_URL")
+    if mongo_url:
+        from sacred.observers import MongoObserver
+
+        ex.observers.append(MongoObserver(url=mongo_url, db_name=os.environ.get("DARTS_MONGO_DB", "darts")))
+    ex.captured_out_filter = apply_backspaces_and_linefeeds
+    return ex
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit and whether it has uncommitted changes; empty outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def record_git(_run: Any) -> None:
+    _run.info["git"] = git_state()

@@ -1,0 +1,129 @@
+"""What every search and training experiment does around its task: threads, seed, resume, the epoch loop, results."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from experiments.tracking.config import RESUMABLE_CHANGES, check_resume_config
+from experiments.tracking.folders import read_json
+from experiments.tracking.recorder import SacredRecorder, add_json_artifact, run_folder
+from shared import checkpoint
+from shared.collapse import EarlyStop
+from shared.errors import CheckpointError, ConfigError
+from shared.genotypes import GenotypeError, resolve, to_dict
+from shared.loop import chosen_genotype, run_epochs
+
+
+def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
+                may_change: frozenset[str] = RESUMABLE_CHANGES, genotype: Any = None, collapse: Any = None
+                ) -> tuple[Any, list[Any]]:
+    """What every search and training experiment does around its task: threads, seed, resume, checkpoint folder,
+    the epoch loop, and the time limit (config `time_limit`, minutes from now: no epoch starts that would end after
+    it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). `genotype` is a
+    training's fixed cell (None for a search): no genotype history is recorded, and a resume must train the
+    checkpoint's cell, since `genotype_from` may now point at another one of the same shapes. `collapse` (a
+    search's CollapseConfig) sets its early-stopping rule, which counts the task's `skip_metric`. Returns the task
+    and the epoch records."""
+    started = time.monotonic()  # the time limit counts data loading too
+    limit = config.get("time_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+                              or not math.isfinite(limit)):
+        raise ConfigError(f"time_limit must be a positive number of minutes or None, got {limit!r}")
+    if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], int) or config["epochs"] < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {config['epochs']!r}")
+    threads = config.get("threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"threads must be 0 (torch's default) or a positive integer, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(config["seed"])
+    resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
+    if resume_state is not None:
+        check_resume_config(resume_state["config"], config, may_change)
+        if genotype is not None and resume_state["genotype"] != to_dict(genotype):
+            raise CheckpointError(f"resume: the checkpoint trained the cell {resume_state['genotype']}, but "
+                                  f"genotype_from now gives {to_dict(genotype)}; resume with the genotype the run "
+                                  f"started from")
+        if resume_state["epoch"] >= config["epochs"]:
+            more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
+            raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
+                              f"{config['epochs']}: nothing is left to run{more}")
+        stop = resume_state["history"][-1].get("early_stop") if resume_state["history"] else None
+        if stop is not None and collapse is not None and collapse.early_stop != "off":
+            raise ConfigError(f"resume: the search stopped early after epoch {stop['epoch']} ({stop['reason']}); "
+                              f"nothing is left to run; pass early_stop=off to continue it")
+        run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
+    folder = run_folder(run)
+    task = build_task()
+    stopper = None if collapse is None else EarlyStop(collapse, task.skip_metric)
+    recorder = SacredRecorder(run, folder, genotype is None)
+    deadline = None if limit is None else started + 60.0 * limit
+    history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", recorder, config, resume_state,
+                         deadline=deadline, early_stop=stopper)
+    if history and history[-1].epoch < config["epochs"] and history[-1].stop is None:
+        run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
+                                     "resume": f"resume={folder}"}
+    return task, history
+
+
+def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:
+    """The genotype a training starts from and its source (`shared.genotypes.resolve`: a published name, a JSON
+    file, a run folder). A run folder must hold a COMPLETED run, whose genotype.json is its final one; a file's
+    source is its absolute path."""
+    folder = Path(str(spec))
+    if folder.is_dir() and (folder / "run.json").is_file():
+        run, problem = read_json(folder / "run.json")
+        if problem is not None or not isinstance(run, dict):
+            raise GenotypeError(f"{folder / 'run.json'} is unreadable: pass a genotype JSON file instead")
+        status = run.get("status")
+        if status != "COMPLETED":
+            raise GenotypeError(f"{spec} is a {status} run: its genotype.json is that of its last finished epoch; "
+                                f"pass genotype_from={folder / 'genotype.json'} to train that cell anyway")
+    genotype, source = resolve(spec, space)
+    return genotype, source if source.startswith("published ") else str(Path(source).resolve())
+
+
+def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Callable[[], Any], genotype: Any,
+                    source: str, metric: str, best: Callable[[Any], Any],
+                    may_change: frozenset[str] = RESUMABLE_CHANGES) -> dict[str, Any]:
+    """What a from-scratch training experiment does around its task: record the genotype and where it came from
+    (run info `genotype`, `genotype_source`, artifact `genotype.json`) and the parameter count (`num_parameters`),
+    run the epochs (`run_tracked`), then test (metrics logged at the last epoch) and return the result. A run the
+    time limit stopped is not tested: its resumed run will be."""
+    run.info.update(genotype=to_dict(genotype), genotype_source=source)
+    add_json_artifact(run, "genotype.json", to_dict(genotype))
+
+    def build() -> Any:
+        task = build_task()
+        run.info["num_parameters"] = task.num_parameters()
+        log.info("genotype from %s; %s parameters", source, f"{task.num_parameters():,}")
+        return task
+
+    task, history = run_tracked(run, config, build, may_change, genotype)
+    result = {"genotype_source": source, "num_parameters": run.info["num_parameters"],
+              **headline(history, metric, best)}
+    if history[-1].epoch < config["epochs"]:
+        log.info("stopped after epoch %d of %d: no test; resume to finish", history[-1].epoch, config["epochs"])
+        return result
+    test = task.test()
+    for name, value in test.items():
+        run.log_scalar(name, value, history[-1].epoch)
+    log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
+    return {**result, **test}
+
+
+def headline(history: list[Any], metric: str, best: Callable[[Any], Any]) -> dict[str, Any]:
+    """The final and the best value of a run's headline metric."""
+    return {metric: history[-1].metrics[metric], f"best_{metric}": best(r.metrics[metric] for r in history)}
+
+
+def search_result(history: list[Any], metric: str, best: Callable[[Any], Any] = min) -> dict[str, Any]:
+    """The run's result: its genotype (the final one, or the one an early stop chose), the final and the best value
+    of its headline metric, and the early stop's decision if one ended the run."""
+    stop = history[-1].stop
+    return {"genotype": to_dict(chosen_genotype(history)), **headline(history, metric, best),
+            **({} if stop is None else {"early_stop": stop.to_dict()})}
