@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import pytest
 
@@ -25,3 +26,24 @@ def test_paper_toy_bad_order_is_one_clear_line_and_a_failed_run(tmp_path) -> Non
     assert "order must be one of first, second, exact, got 'third'" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.run_json()["status"] == "FAILED"
+
+
+def test_activation_toy_logs_the_four_rewards_the_controllers_path_and_both_answers(tmp_path) -> None:
+    result = run_experiment("activation_toy", "with", "controller_steps=200", "darts_steps=200", runs=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run, metrics = result.run_json(), result.metrics()
+    info = json.loads((result.run_dir() / "info.json").read_text())
+    assert set(info["rewards"]) == {"(linear, linear)", "(linear, sigmoid)", "(sigmoid, linear)",
+                                    "(sigmoid, sigmoid)"}
+    assert metrics["reinforce_p_linear_linear"]["steps"] == list(range(1, 201))
+    assert run["result"]["reinforce"]["architecture"] == "(linear, linear)"
+    assert run["result"]["reinforce"]["probability"] > 0.95
+    for order in ("first", "second", "exact"):
+        assert run["result"]["darts"][order]["architecture"] == "(linear, linear)", order
+        assert len(metrics[f"darts_{order}_linear_layer1"]["values"]) == 200
+
+
+def test_activation_toy_bad_orders_is_one_line(tmp_path) -> None:
+    result = run_experiment("activation_toy", "with", "orders=['plain']", runs=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "orders must be a non-empty list of first, second, exact" in result.stderr

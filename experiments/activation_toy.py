@@ -1,0 +1,72 @@
+"""The activation toy of NAS with reinforcement learning (Zoph & Le 2017): REINFORCE and DARTS on a problem whose
+answer is known, tracked by Sacred.
+
+    python -m experiments.activation_toy                        # both methods, every order of the engine
+    python -m experiments.activation_toy with noise=0.3 seed=2
+
+Data y = 2x + noise; a model y = g(h(x u) v) with h and g each linear or sigmoid: (linear, linear) is best. Logs the
+four rewards (minus the fitted validation MSE), the controller's P(linear, linear) after every step, and per order
+the softmax weight of linear in each layer after every DARTS step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.tracking.errors import user_errors
+from experiments.tracking.experiment import make_experiment
+from shared.activation_toy import darts, name, reinforce, rewards, toy_data
+from shared.bilevel import ORDERS
+from shared.errors import ConfigError
+
+ex = make_experiment("activation_toy", globals())
+
+
+@ex.config
+def config() -> None:
+    seed = 0  # the data and the controller's samples
+    samples = 256  # data points per half (train fits the weights, valid gives the reward / the architecture loss)
+    noise = 0.1  # standard deviation of the noise on y = 2x
+    controller_steps = 300  # REINFORCE steps
+    controller_samples = 8  # architectures sampled per step
+    controller_lr = 0.05  # Adam on the controller's five parameters
+    baseline_decay = 0.9  # the reward's exponential moving average, subtracted as baseline
+    entropy_weight = 1e-3  # the entropy bonus
+    orders = ["first", "second", "exact"]  # DARTS orders to run
+    darts_steps = 300  # architecture + weight steps per order
+
+
+@ex.main
+@user_errors
+def main(_run: Any, seed: int, samples: int, noise: float, controller_steps: int, controller_samples: int,
+         controller_lr: float, baseline_decay: float, entropy_weight: float, orders: list[str], darts_steps: int
+         ) -> dict[str, Any]:
+    bad = [order for order in orders if order not in ORDERS or order == "plain"]
+    if bad or not orders:
+        raise ConfigError(f"orders must be a non-empty list of first, second, exact, got {orders!r}")
+    for key, value in (("samples", samples), ("controller_steps", controller_steps),
+                       ("controller_samples", controller_samples), ("darts_steps", darts_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if not 0 <= baseline_decay < 1 or noise < 0 or controller_lr <= 0 or entropy_weight < 0:
+        raise ConfigError("baseline_decay must be in [0, 1), noise and entropy_weight >= 0, controller_lr > 0")
+    data = toy_data(samples, noise, seed)
+    reward = rewards(data)
+    _run.info["rewards"] = {name(pair): value for pair, value in reward.items()}
+    controller = reinforce(reward, controller_steps, controller_samples, controller_lr, baseline_decay,
+                           entropy_weight, seed)
+    for step, p in enumerate(controller.path, start=1):
+        _run.log_scalar("reinforce_p_linear_linear", p, step)
+    best = max(controller.probabilities, key=controller.probabilities.get)
+    result: dict[str, Any] = {"reinforce": {"architecture": name(best), "probability": controller.probabilities[best]},
+                              "darts": {}}
+    for order in orders:
+        found = darts(data, order, darts_steps)
+        for step, (first, second) in enumerate(found.path, start=1):
+            _run.log_scalar(f"darts_{order}_linear_layer1", first, step)
+            _run.log_scalar(f"darts_{order}_linear_layer2", second, step)
+        result["darts"][order] = {"architecture": name(found.pair), "softmax": found.softmax}
+    return result
+
+
+if __name__ == "__main__":
+    ex.run_commandline()
