@@ -7,8 +7,9 @@ over the configured epochs (so xi does too).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
+from shared.sampling import RandomArchitectures, alphas_set, check_strategy
 
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
@@ -40,9 +42,12 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     train_portion: float = 0.5  # the share of the training images that trains the weights
     train_images: int | None = None  # use only the first N training images (smoke runs)
+    strategy: str = "darts"  # darts | random (random search with weight sharing: shared.sampling)
+    random_samples: int = 10  # strategy=random: cells scored on the architecture half after each epoch; best kept
 
     def __post_init__(self) -> None:
         check_order(self.order)
+        check_strategy(self.strategy, self.random_samples)
         for name in ("epochs", "batch_size", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -76,6 +81,8 @@ class CNNSearchTask(SchedulerGeneratorState):
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+        self.random = RandomArchitectures(self.model, config.random_samples, seed) if config.strategy == "random" \
+            else None
 
     @staticmethod
     def loss(x: Tensor, y: Tensor, keep: dict[str, Tensor] | None = None) -> LossFn:
@@ -93,8 +100,12 @@ class CNNSearchTask(SchedulerGeneratorState):
     def train_step(self, x: Tensor, y: Tensor, xa: Tensor, ya: Tensor) -> dict[str, Tensor]:
         """One search step: the architecture step on (xa, ya) (none for plain), the weight step on (x, y). Returns the
         weight batch's loss and number of correct predictions, detached and on the device."""
-        self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))  # plain: no architecture step
         keep: dict[str, Tensor] = {}
+        if self.random is not None:  # random search: the weights of a freshly drawn cell, no architecture step
+            with alphas_set(self.model, self.random.next()):
+                self.engine.weight_step(self.loss(x, y, keep))
+            return keep
+        self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))  # plain: no architecture step
         self.engine.weight_step(self.loss(x, y, keep))
         return keep
 
@@ -116,7 +127,7 @@ class CNNSearchTask(SchedulerGeneratorState):
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         `batch_size` images of the architecture half, training mode as the architecture step), when `epoch`
         measures."""
-        if not self.collapse.measures(epoch):
+        if not self.collapse.measures(epoch) or self.random is not None:  # random search trains no alphas
             return {}
         self.model.train()
         size = self.config.batch_size
@@ -126,12 +137,21 @@ class CNNSearchTask(SchedulerGeneratorState):
                                                              self.collapse.hessian_tol))
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode."""
-        self.model.eval()
-        return classify(self.model, *self.arch_data, self.config.batch_size, "valid")
+        """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode; for
+        random search those of the best of `random_samples` drawn cells (by loss), which becomes the genotype."""
+        def score() -> dict[str, float]:
+            self.model.eval()
+            return classify(self.model, *self.arch_data, self.config.batch_size, "valid")
+
+        return score() if self.random is None else self.random.select(score, "valid_loss")
 
     def genotype(self) -> CNNGenotype:
-        return self.model.genotype()
+        with self.chosen():
+            return self.model.genotype()
+
+    def chosen(self) -> ContextManager[None]:
+        """The alphas the genotype is read from: the model's own, or random search's best cell."""
+        return nullcontext() if self.random is None else self.random.chosen()
 
     def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
         return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal)),
@@ -142,4 +162,13 @@ class CNNSearchTask(SchedulerGeneratorState):
         return self.engine.optimizers()
 
     def alpha_softmax(self) -> dict[str, Tensor]:
-        return self.model.alpha_softmax()
+        with self.chosen():
+            return self.model.alpha_softmax()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **({} if self.random is None else {"random": self.random.state_dict()})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.random is not None:
+            self.random.load_state_dict(state["random"])

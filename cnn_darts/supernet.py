@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
+from shared.sampling import none_column, one_hot_logits, uniform_op
 
 ALPHA_NAMES: tuple[str, str] = ("alphas_normal", "alphas_reduce")
 
@@ -209,6 +210,21 @@ class Supernet(nn.Module):
     def alpha_softmax(self) -> dict[str, Tensor]:
         """Detached softmax of each alpha: {"alphas_normal": (num_edges, num_ops), "alphas_reduce": ...}."""
         return {name: F.softmax(getattr(self, name).detach(), dim=-1) for name in ALPHA_NAMES}
+
+    def sample_alphas(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """Normal and reduce cells drawn uniformly (per node two distinct inputs, each with an op other than 'none')
+        as one-hot alpha logits; the other inputs take 'none'."""
+        primitives, steps = self.config.primitives, self.config.steps
+        none = none_column(primitives)
+        logits = {}
+        for name in ALPHA_NAMES:
+            choice, start = [none] * self.config.num_edges, 0
+            for i in range(steps):
+                for j in torch.randperm(2 + i, generator=generator)[:2].tolist():
+                    choice[start + j] = uniform_op(primitives, generator)
+                start += 2 + i
+            logits[name] = one_hot_logits(self.config.num_edges, len(primitives), choice).to(getattr(self, name))
+        return logits
 
     def genotype(self) -> CNNGenotype:
         """The discrete cells: per node the 2 incoming edges whose strongest non-'none' op weighs most, each with

@@ -32,6 +32,8 @@ def config() -> None:
     data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
+    strategy = "darts"  # darts | random (random search with weight sharing, Li & Talwalkar 2019: README)
+    random_samples = 10  # strategy=random: cells scored on the validation data after each epoch; the best is kept
     epochs = 50
     batch_size = 64  # weight and architecture batches
     learning_rate = 0.025  # weight SGD, cosine-annealed to learning_rate_min over the epochs

@@ -34,6 +34,8 @@ def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
+    strategy = "darts"  # darts | random (random search with weight sharing, Li & Talwalkar 2019: README)
+    random_samples = 10  # strategy=random: cells scored on the validation data after each epoch; the best is kept
     epochs = 50
     batch_size = 256  # weight and architecture batches
     eval_batch_size = 64  # evaluation on the valid split (the original's 10 is too few for batch statistics: README)

@@ -8,8 +8,9 @@ also when it wraps around).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
+from shared.sampling import RandomArchitectures, alphas_set, check_strategy
 
 ARCH_DATA = ("valid", "train")
 
@@ -43,9 +45,12 @@ class SearchConfig:
     train_tokens: int | None = None  # use only the first N training tokens (smoke runs)
     eval_tokens: int | None = None  # evaluate on the first N valid tokens (None: the whole split)
     decoder_bias: str = "zero"  # zero (the paper) | unigram: start from the log word frequencies of the train split
+    strategy: str = "darts"  # darts | random (random search with weight sharing: shared.sampling)
+    random_samples: int = 10  # strategy=random: cells scored on the valid data after each epoch; the best is kept
 
     def __post_init__(self) -> None:
         check_order(self.order)
+        check_strategy(self.strategy, self.random_samples)
         if self.arch_data not in ARCH_DATA:
             raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
         if not 0 < self.arch_fraction < 1:
@@ -105,6 +110,8 @@ class RNNSearchTask:
         self.engine = Bilevel(self.model, weight_opt, arch_opt,
                               BilevelConfig(order=config.order, grad_clip=config.grad_clip))
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
+        self.random = RandomArchitectures(self.model, config.random_samples, seed) if config.strategy == "random" \
+            else None
 
     # ---- losses --------------------------------------------------------------------------------------------------
     def loss(self, x: Tensor, y: Tensor, hidden: Tensor, regularise: bool, keep: dict[str, Tensor] | None = None
@@ -129,10 +136,14 @@ class RNNSearchTask:
         stays scaled for this window; `train_epoch` puts it back at the end of the epoch."""
         config = self.config
         scale_learning_rate(self.engine.weight_optimizer, config.learning_rate, x.size(0), config.bptt)
+        keep: dict[str, Tensor] = {}
+        if self.random is not None:  # random search: the weights of a freshly drawn cell, no architecture step
+            with alphas_set(self.model, self.random.next()):
+                self.engine.weight_step(self.loss(x, y, hidden, True, keep))
+            return keep["hidden"], arch_hidden, keep["cross_entropy"]
         arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain: it never runs)
         self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
         arch_hidden = arch_keep["hidden"]
-        keep: dict[str, Tensor] = {}
         self.engine.weight_step(self.loss(x, y, hidden, True, keep))
         return keep["hidden"], arch_hidden, keep["cross_entropy"]
 
@@ -148,7 +159,7 @@ class RNNSearchTask:
     def curvature(self, epoch: int) -> dict[str, float]:
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         architecture window from a zero state, training mode as the architecture step), when `epoch` measures."""
-        if not self.collapse.measures(epoch):
+        if not self.collapse.measures(epoch) or self.random is not None:  # random search trains no alphas
             return {}
         self.model.train()
         xa, ya = get_batch(self.arch_data, 0, self.config.bptt)
@@ -177,12 +188,21 @@ class RNNSearchTask:
             yield x.size(0), cross_entropy
 
     def evaluate(self) -> dict[str, float]:
-        """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried."""
-        return perplexity_metrics("valid", stream_loss(self.model, self.valid_data, self.config.bptt))
+        """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried; for
+        random search those of the best of `random_samples` drawn cells, which becomes the genotype."""
+        def score() -> dict[str, float]:
+            return perplexity_metrics("valid", stream_loss(self.model, self.valid_data, self.config.bptt))
+
+        return score() if self.random is None else self.random.select(score, "valid_loss")
 
     # ---- what the loop records -----------------------------------------------------------------------------------
     def genotype(self) -> RNNGenotype:
-        return self.model.genotype()
+        with self.chosen():
+            return self.model.genotype()
+
+    def chosen(self) -> ContextManager[None]:
+        """The alphas the genotype is read from: the model's own, or random search's best cell."""
+        return nullcontext() if self.random is None else self.random.chosen()
 
     def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
         ops = [op for op, _ in genotype.recurrent]
@@ -192,10 +212,14 @@ class RNNSearchTask:
         return self.engine.optimizers()
 
     def alpha_softmax(self) -> dict[str, Tensor]:
-        return {"alphas": self.model.alpha_softmax()}
+        with self.chosen():
+            return {"alphas": self.model.alpha_softmax()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"windows": self.windows.get_state()}
+        return {"windows": self.windows.get_state(),
+                **({} if self.random is None else {"random": self.random.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.windows.set_state(state["windows"])
+        if self.random is not None:
+            self.random.load_state_dict(state["random"])

@@ -23,6 +23,7 @@ from rnn_darts.network import HighwayCell, TiedLanguageModel, check_config
 from rnn_darts.ops import ACTIVATIONS, NONE
 from shared.errors import ConfigError
 from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
+from shared.sampling import none_column, one_hot_logits, uniform_op
 
 ARCH_PARAMETER_NAMES = ("alphas",)
 
@@ -157,6 +158,18 @@ class RNNSupernet(TiedLanguageModel):
     def alpha_softmax(self) -> Tensor:
         """The op weights softmax(alphas) (num_edges, primitives), detached."""
         return F.softmax(self.alphas.detach(), dim=-1)
+
+    def sample_alphas(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """A cell drawn uniformly (per node one predecessor and one op other than 'none') as one-hot alpha logits;
+        the other predecessors take 'none'."""
+        none = none_column(self.config.primitives)
+        choice, start = [none] * self.config.num_edges, 0
+        for i in range(self.config.steps):
+            j = int(torch.randint(i + 1, (), generator=generator))
+            choice[start + j] = uniform_op(self.config.primitives, generator)
+            start += i + 1
+        logits = one_hot_logits(self.config.num_edges, len(self.config.primitives), choice)
+        return {"alphas": logits.to(self.alphas)}
 
     def genotype(self) -> RNNGenotype:
         """The discrete cell: per node the (predecessor, non-none op) of largest weight, as the original `_parse`.

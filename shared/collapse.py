@@ -110,7 +110,7 @@ def eigen_metrics(eigen: Eigen) -> dict[str, float]:
 
 def edge_entropy(probs: Tensor) -> Tensor:
     """(edges, ops) rows of op probabilities -> (edges,) entropies in nats (ln(ops) for a uniform edge)."""
-    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1) + 0.0  # + 0.0: no -0.0
 
 
 def alpha_metrics(softmaxes: dict[str, Tensor]) -> dict[str, float]:

@@ -12,7 +12,7 @@ from experiments.report.runs import Run, Series, metric_kind
 from shared.genotypes import Genotype
 
 NONE = "–"  # an empty cell
-RUN_HEADER = ["id", "experiment", "status", "order", "seed", "epochs", "best valid", "final valid", "test",
+RUN_HEADER = ["id", "experiment", "status", "strategy", "order", "seed", "epochs", "best valid", "final valid", "test",
               "parameters", "wall time"]
 
 
@@ -109,6 +109,7 @@ def run_row(run: Run, now: datetime, stale_after: float) -> list[str]:
     best, final = metric_cells(run, "valid")
     params = run.info.get("num_parameters", run.result.get("num_parameters"))
     return [run.label, run.experiment, status(run, now, stale_after),
+            str(run.config.get("strategy", "darts")) if run.is_search else NONE,  # runs before random search: darts
             str(run.config.get("order", NONE)) if run.is_search else NONE,
             str(run.config.get("seed", NONE)), epochs(run), best, final, metric_cells(run, "test")[1],
             f"{params:,}" if isinstance(params, int) else NONE, wall_time(run)]

@@ -136,3 +136,21 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
     info = json.loads((onward.run_dir() / "info.json").read_text())
     assert "early_stop" not in info and onward.metrics()["valid_acc"]["steps"] == [1, 2, 3]
     assert onward.run_json()["result"]["genotype"] == info["genotype_history"][2]["genotype"]
+
+
+def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path: Path) -> None:
+    whole = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", runs=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    metrics, folder = whole.metrics(), whole.run_dir()
+    for name in ("train_loss", "train_acc", "valid_loss", "valid_acc", "skip_connect_normal", "edge_entropy"):
+        assert metrics[name]["steps"] == [1, 2], name
+    assert "hessian_eigenvalue" not in metrics  # no alphas are trained
+    genotype = load(folder / "genotype.json")
+    assert isinstance(genotype, CNNGenotype) and all(op != "none" for op, _ in genotype.normal + genotype.reduce)
+    assert metrics["edge_entropy"]["values"] == [0.0, 0.0]  # the recorded alphas are the chosen one-hot cell
+    first = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", "time_limit=1e-9")
+    resumed = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", f"resume={first.run_dir(1)}")
+    assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
+    for name in ("train_loss", "valid_loss", "valid_acc"):
+        assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
+    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]

@@ -102,7 +102,7 @@ def build_runs(root: Path) -> Path:
                          "alphas.json": [{"epoch": e, "alphas": {"alphas": _softmax_rows(10, 5, e)}}
                                          for e in (1, 2, 3)]})
     cnn_history = [{"epoch": 1, "genotype": CNN_G}, {"epoch": 2, "genotype": CNN_G}]
-    write_run(runs / "2", "cnn_search", _search_config(2, "first", 2, learning_rate=0.025),
+    write_run(runs / "2", "cnn_search", _search_config(2, "first", 2, learning_rate=0.025, strategy="random"),
               per_epoch={"train_acc": [0.4, 0.55], "valid_acc": [0.5, 0.6], "skip_connect_normal": [1.0, 2.0],
                          "hessian_eigenvalue": [0.3, 0.35]},
               info={"epochs_done": 2, "early_stop": STOP, "alphas": {"alphas_normal": _softmax_rows(14, 8),
@@ -192,6 +192,7 @@ def test_runs_table_has_one_row_per_run_with_status_values_and_parameters(built)
         "1": "COMPLETED", "2": "COMPLETED", "3": "COMPLETED", "4": "FAILED",
         "5": "RUNNING? last heartbeat 3 h ago", "6": "INTERRUPTED"}
     assert table["1"]["experiment"] == "rnn_search" and table["1"]["order"] == "second"
+    assert [table[k]["strategy"] for k in "1236"] == ["darts", "random", "–", "darts"]  # no key: darts
     assert (table["1"]["best valid"], table["1"]["final valid"]) == ("700.00 ppl", "750.00 ppl")
     assert (table["2"]["best valid"], table["2"]["final valid"], table["2"]["order"]) == ("60.00% acc", "60.00% acc",
                                                                                           "first")

@@ -150,3 +150,14 @@ def test_bad_threads_is_one_line(tmp_path: Path, value: str) -> None:
     result = tiny_search(tmp_path, f"threads={value}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "threads must be 0 (torch's default) or a positive integer" in result.stderr
+
+
+def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_path: Path) -> None:
+    result = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3")
+    assert result.returncode == 0, result.stderr
+    metrics = result.metrics()
+    for name in ("train_ppl", "valid_ppl", "identity_share", "edge_entropy"):
+        assert metrics[name]["steps"] == [1, 2], name
+    genotype = load(result.run_dir() / "genotype.json")
+    assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3
+    assert result.run_json()["result"]["genotype"] == json.loads((result.run_dir() / "genotype.json").read_text())
