@@ -23,7 +23,8 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
-from shared.sampling import RandomArchitectures, alphas_set, check_strategy
+from shared.controller import ControllerConfig, sampler_for
+from shared.sampling import alphas_set, check_strategy
 
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
@@ -42,12 +43,12 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     train_portion: float = 0.5  # the share of the training images that trains the weights
     train_images: int | None = None  # use only the first N training images (smoke runs)
-    strategy: str = "darts"  # darts | random (random search with weight sharing: shared.sampling)
-    random_samples: int = 10  # strategy=random: cells scored on the architecture half after each epoch; best kept
+    strategy: str = "darts"  # darts | random (weight sharing: shared.sampling) | reinforce (shared.controller)
+    select_cells: int = 10  # random, reinforce: cells scored on the architecture half after each epoch; best kept
 
     def __post_init__(self) -> None:
         check_order(self.order)
-        check_strategy(self.strategy, self.random_samples)
+        check_strategy(self.strategy, self.select_cells)
         for name in ("epochs", "batch_size", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -61,7 +62,8 @@ class CNNSearchTask(SchedulerGeneratorState):
     skip_metric = "skip_connect_normal"  # what early_stop=skip counts (DARTS+)
 
     def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
-                 seed: int, collapse: CollapseConfig = CollapseConfig()) -> None:
+                 seed: int, collapse: CollapseConfig = CollapseConfig(),
+                 controller: ControllerConfig = ControllerConfig()) -> None:
         self.config, self.device, self.collapse = config, device, collapse
         n = min(config.train_images or len(data.train_labels), len(data.train_labels))
         weight_index, arch_index = split_search(n, seed, config.train_portion)
@@ -81,8 +83,7 @@ class CNNSearchTask(SchedulerGeneratorState):
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-        self.random = RandomArchitectures(self.model, config.random_samples, seed) if config.strategy == "random" \
-            else None
+        self.sampler = sampler_for(config.strategy, self.model, config.select_cells, seed, controller)
 
     @staticmethod
     def loss(x: Tensor, y: Tensor, keep: dict[str, Tensor] | None = None) -> LossFn:
@@ -101,13 +102,22 @@ class CNNSearchTask(SchedulerGeneratorState):
         """One search step: the architecture step on (xa, ya) (none for plain), the weight step on (x, y). Returns the
         weight batch's loss and number of correct predictions, detached and on the device."""
         keep: dict[str, Tensor] = {}
-        if self.random is not None:  # random search: the weights of a freshly drawn cell, no architecture step
-            with alphas_set(self.model, self.random.next()):
+        if self.sampler is not None:  # random search, REINFORCE: a sampled cell's weights, no architecture step
+            with alphas_set(self.model, self.sampler.next()):
                 self.engine.weight_step(self.loss(x, y, keep))
+            self.sampler.update(lambda: self.reward(xa, ya))
             return keep
         self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))  # plain: no architecture step
         self.engine.weight_step(self.loss(x, y, keep))
         return keep
+
+    def reward(self, xa: Tensor, ya: Tensor) -> float:
+        """REINFORCE's reward for the cell set: its accuracy on the architecture batch, BatchNorm in eval mode."""
+        self.model.eval()
+        with torch.no_grad():
+            accuracy = float((self.model(xa).argmax(1) == ya).float().mean())
+        self.model.train()
+        return accuracy
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         config = self.config
@@ -121,13 +131,14 @@ class CNNSearchTask(SchedulerGeneratorState):
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
         sums = progress.close()
-        return {**accuracy_metrics("train", sums), **self.curvature(epoch)}
+        strategy = {} if self.sampler is None else self.sampler.epoch_metrics()
+        return {**accuracy_metrics("train", sums), **self.curvature(epoch), **strategy}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         `batch_size` images of the architecture half, training mode as the architecture step), when `epoch`
         measures."""
-        if not self.collapse.measures(epoch) or self.random is not None:  # random search trains no alphas
+        if not self.collapse.measures(epoch) or self.sampler is not None:  # the sampling strategies train no alphas
             return {}
         self.model.train()
         size = self.config.batch_size
@@ -138,20 +149,21 @@ class CNNSearchTask(SchedulerGeneratorState):
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the architecture half (the search's validation data), BatchNorm in eval mode; for
-        random search those of the best of `random_samples` drawn cells (by loss), which becomes the genotype."""
+        the sampling strategies those of the best of `select_cells` sampled cells (by loss), which becomes the
+        genotype."""
         def score() -> dict[str, float]:
             self.model.eval()
             return classify(self.model, *self.arch_data, self.config.batch_size, "valid")
 
-        return score() if self.random is None else self.random.select(score, "valid_loss")
+        return score() if self.sampler is None else self.sampler.select(score, "valid_loss")
 
     def genotype(self) -> CNNGenotype:
         with self.chosen():
             return self.model.genotype()
 
     def chosen(self) -> ContextManager[None]:
-        """The alphas the genotype is read from: the model's own, or random search's best cell."""
-        return nullcontext() if self.random is None else self.random.chosen()
+        """The alphas the genotype is read from: the model's own, or a sampling strategy's best cell."""
+        return nullcontext() if self.sampler is None else self.sampler.chosen()
 
     def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
         return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal)),
@@ -166,9 +178,9 @@ class CNNSearchTask(SchedulerGeneratorState):
             return self.model.alpha_softmax()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **({} if self.random is None else {"random": self.random.state_dict()})}
+        return {**super().state_dict(), **({} if self.sampler is None else {"sampler": self.sampler.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.random is not None:
-            self.random.load_state_dict(state["random"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
-from shared.sampling import none_column, one_hot_logits, uniform_op
+from shared.sampling import Decision, none_column, one_hot_logits
 
 ALPHA_NAMES: tuple[str, str] = ("alphas_normal", "alphas_reduce")
 
@@ -211,17 +211,30 @@ class Supernet(nn.Module):
         """Detached softmax of each alpha: {"alphas_normal": (num_edges, num_ops), "alphas_reduce": ...}."""
         return {name: F.softmax(getattr(self, name).detach(), dim=-1) for name in ALPHA_NAMES}
 
-    def sample_alphas(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """Normal and reduce cells drawn uniformly (per node two distinct inputs, each with an op other than 'none')
-        as one-hot alpha logits; the other inputs take 'none'."""
-        primitives, steps = self.config.primitives, self.config.steps
-        none = none_column(primitives)
-        logits = {}
+    def decisions(self) -> list[Decision]:
+        """The cells as choices, for the sampling strategies: per cell (normal, reduce), node and input slot an
+        input, then its op (not 'none'); a node's second input is never its first."""
+        ops = sum(name != "none" for name in self.config.primitives)
+        decisions: list[Decision] = []
+        for _ in ALPHA_NAMES:
+            for i in range(self.config.steps):
+                first = len(decisions)
+                decisions += [Decision("input", 2 + i), Decision("op", ops),
+                              Decision("input", 2 + i, distinct_from=first), Decision("op", ops)]
+        return decisions
+
+    def alphas_from(self, tokens: list[int]) -> dict[str, Tensor]:
+        """One-hot alpha logits of the cells `tokens` describe (see `decisions`); every other input of a node takes
+        'none', so the supernet computes those cells alone."""
+        primitives = self.config.primitives
+        columns = [k for k, name in enumerate(primitives) if name != "none"]
+        stream, logits = iter(tokens), {}
         for name in ALPHA_NAMES:
-            choice, start = [none] * self.config.num_edges, 0
-            for i in range(steps):
-                for j in torch.randperm(2 + i, generator=generator)[:2].tolist():
-                    choice[start + j] = uniform_op(primitives, generator)
+            choice, start = [none_column(primitives)] * self.config.num_edges, 0
+            for i in range(self.config.steps):
+                for _ in range(2):
+                    j, op = next(stream), next(stream)
+                    choice[start + j] = columns[op]
                 start += 2 + i
             logits[name] = one_hot_logits(self.config.num_edges, len(primitives), choice).to(getattr(self, name))
         return logits

@@ -12,16 +12,18 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, collapse_config, common_config, config_values, paper
+from experiments.tracking.config import (RESUMABLE_CHANGES, collapse_config, common_config, config_values,
+                                         controller_config, paper)
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import run_tracked, search_result
 from shared.collapse import CollapseConfig
+from shared.controller import ControllerConfig
 from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
+CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
 RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_search", globals())
@@ -32,8 +34,8 @@ def config() -> None:
     data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
-    strategy = "darts"  # darts | random (random search with weight sharing, Li & Talwalkar 2019: README)
-    random_samples = 10  # strategy=random: cells scored on the validation data after each epoch; the best is kept
+    strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
+    select_cells = 10  # random, reinforce: cells scored on the validation data after each epoch; the best is kept
     epochs = 50
     batch_size = 64  # weight and architecture batches
     learning_rate = 0.025  # weight SGD, cosine-annealed to learning_rate_min over the epochs
@@ -50,6 +52,7 @@ def config() -> None:
     steps = 4  # intermediate nodes per cell
 ex.config(common_config)  # device, threads, resume, time_limit
 ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
+ex.config(controller_config)  # strategy=reinforce
 ex.named_config(paper)  # `with paper`: the defaults
 
 
@@ -72,13 +75,14 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
          ) -> dict[str, Any]:
     config = dict(_config)
     collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
+    controller = ControllerConfig(**config_values(ControllerConfig, config))
 
     def build_task() -> CNNSearchTask:
         data = load_cifar10(data_dir)
         model_config = SupernetConfig(num_classes=len(data.classes), multiplier=steps,  # every node is concatenated
                                       **config_values(SupernetConfig, config, RENAMED))
         search_config = SearchConfig(**config_values(SearchConfig, config))
-        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed, collapse)
+        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed, collapse, controller)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
     _, history = run_tracked(_run, config, build_task, RESUMABLE_CHANGES - {"epochs"}, collapse=collapse)

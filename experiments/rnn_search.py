@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking.config import collapse_config, common_config, config_values, paper
+from experiments.tracking.config import collapse_config, common_config, config_values, controller_config, paper
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import run_tracked, search_result
@@ -19,11 +19,12 @@ from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
 from shared.collapse import CollapseConfig
+from shared.controller import ControllerConfig
 from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig)
+CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
 RENAMED = {"ninp": "emsize"}
 
 ex = make_experiment("rnn_search", globals())
@@ -34,8 +35,8 @@ def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
-    strategy = "darts"  # darts | random (random search with weight sharing, Li & Talwalkar 2019: README)
-    random_samples = 10  # strategy=random: cells scored on the validation data after each epoch; the best is kept
+    strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
+    select_cells = 10  # random, reinforce: cells scored on the validation data after each epoch; the best is kept
     epochs = 50
     batch_size = 256  # weight and architecture batches
     eval_batch_size = 64  # evaluation on the valid split (the original's 10 is too few for batch statistics: README)
@@ -63,6 +64,7 @@ def config() -> None:
     dropoute = 0.0  # whole words
 ex.config(common_config)  # device, threads, resume, time_limit
 ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
+ex.config(controller_config)  # strategy=reinforce
 ex.named_config(paper)  # `with paper`: the defaults
 
 
@@ -90,6 +92,7 @@ def smoke() -> None:
 def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str) -> dict[str, Any]:
     config = dict(_config)
     collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
+    controller = ControllerConfig(**config_values(ControllerConfig, config))
 
     def build_task() -> RNNSearchTask:
         corpus = load_corpus(data_dir)
@@ -97,7 +100,7 @@ def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, de
             _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
         model_config = SupernetConfig(ntoken=corpus.ntoken, **config_values(SupernetConfig, config, RENAMED))
         search_config = SearchConfig(**config_values(SearchConfig, config))
-        return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed, collapse)
+        return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed, collapse, controller)
 
     return search_result(run_tracked(_run, config, build_task, collapse=collapse)[1], "valid_ppl")
 

@@ -8,6 +8,7 @@ also when it wraps around).
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator
@@ -23,9 +24,11 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
-from shared.sampling import RandomArchitectures, alphas_set, check_strategy
+from shared.controller import ControllerConfig, sampler_for
+from shared.sampling import alphas_set, check_strategy
 
 ARCH_DATA = ("valid", "train")
+REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,12 @@ class SearchConfig:
     train_tokens: int | None = None  # use only the first N training tokens (smoke runs)
     eval_tokens: int | None = None  # evaluate on the first N valid tokens (None: the whole split)
     decoder_bias: str = "zero"  # zero (the paper) | unigram: start from the log word frequencies of the train split
-    strategy: str = "darts"  # darts | random (random search with weight sharing: shared.sampling)
-    random_samples: int = 10  # strategy=random: cells scored on the valid data after each epoch; the best is kept
+    strategy: str = "darts"  # darts | random (weight sharing: shared.sampling) | reinforce (shared.controller)
+    select_cells: int = 10  # random, reinforce: cells scored on the valid data after each epoch; the best is kept
 
     def __post_init__(self) -> None:
         check_order(self.order)
-        check_strategy(self.strategy, self.random_samples)
+        check_strategy(self.strategy, self.select_cells)
         if self.arch_data not in ARCH_DATA:
             raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
         if not 0 < self.arch_fraction < 1:
@@ -90,7 +93,8 @@ class RNNSearchTask:
     skip_metric = "identity_ops"  # what early_stop=skip counts
 
     def __init__(self, corpus: Corpus, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
-                 seed: int, collapse: CollapseConfig = CollapseConfig()) -> None:
+                 seed: int, collapse: CollapseConfig = CollapseConfig(),
+                 controller: ControllerConfig = ControllerConfig()) -> None:
         self.config, self.device, self.collapse = config, device, collapse
         train, arch, valid = split_streams(corpus, config)
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
@@ -110,8 +114,7 @@ class RNNSearchTask:
         self.engine = Bilevel(self.model, weight_opt, arch_opt,
                               BilevelConfig(order=config.order, grad_clip=config.grad_clip))
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
-        self.random = RandomArchitectures(self.model, config.random_samples, seed) if config.strategy == "random" \
-            else None
+        self.sampler = sampler_for(config.strategy, self.model, config.select_cells, seed, controller)
 
     # ---- losses --------------------------------------------------------------------------------------------------
     def loss(self, x: Tensor, y: Tensor, hidden: Tensor, regularise: bool, keep: dict[str, Tensor] | None = None
@@ -137,15 +140,26 @@ class RNNSearchTask:
         config = self.config
         scale_learning_rate(self.engine.weight_optimizer, config.learning_rate, x.size(0), config.bptt)
         keep: dict[str, Tensor] = {}
-        if self.random is not None:  # random search: the weights of a freshly drawn cell, no architecture step
-            with alphas_set(self.model, self.random.next()):
+        if self.sampler is not None:  # random search, REINFORCE: a sampled cell's weights, no architecture step
+            with alphas_set(self.model, self.sampler.next()):
                 self.engine.weight_step(self.loss(x, y, hidden, True, keep))
+            self.sampler.update(lambda: self.reward(xa, ya))
             return keep["hidden"], arch_hidden, keep["cross_entropy"]
         arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain: it never runs)
         self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
         arch_hidden = arch_keep["hidden"]
         self.engine.weight_step(self.loss(x, y, hidden, True, keep))
         return keep["hidden"], arch_hidden, keep["cross_entropy"]
+
+    def reward(self, xa: Tensor, ya: Tensor) -> float:
+        """REINFORCE's reward for the cell set: REWARD_C / perplexity on the architecture window (ENAS), no dropout,
+        from a zero state."""
+        self.model.eval()
+        with torch.no_grad():
+            logits, *_ = self.model(xa, self.model.init_hidden(xa.size(1)))
+            cross_entropy = float(language_model_loss(logits, ya))
+        self.model.train()
+        return REWARD_C / math.exp(min(cross_entropy, 50.0))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         windows = self.epoch_windows()
@@ -154,12 +168,14 @@ class RNNSearchTask:
             progress.add(cross_entropy=cross_entropy * seq_len, tokens=seq_len)
         scale_learning_rate(self.engine.weight_optimizer, self.config.learning_rate, 1, 1)
         sums = progress.close()
-        return {**perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"]), **self.curvature(epoch)}
+        strategy = {} if self.sampler is None else self.sampler.epoch_metrics()
+        return {**perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"]), **self.curvature(epoch),
+                **strategy}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         architecture window from a zero state, training mode as the architecture step), when `epoch` measures."""
-        if not self.collapse.measures(epoch) or self.random is not None:  # random search trains no alphas
+        if not self.collapse.measures(epoch) or self.sampler is not None:  # the sampling strategies train no alphas
             return {}
         self.model.train()
         xa, ya = get_batch(self.arch_data, 0, self.config.bptt)
@@ -189,11 +205,11 @@ class RNNSearchTask:
 
     def evaluate(self) -> dict[str, float]:
         """Cross entropy and perplexity over the evaluation stream, in fixed bptt windows, hidden state carried; for
-        random search those of the best of `random_samples` drawn cells, which becomes the genotype."""
+        the sampling strategies those of the best of `select_cells` sampled cells, which becomes the genotype."""
         def score() -> dict[str, float]:
             return perplexity_metrics("valid", stream_loss(self.model, self.valid_data, self.config.bptt))
 
-        return score() if self.random is None else self.random.select(score, "valid_loss")
+        return score() if self.sampler is None else self.sampler.select(score, "valid_loss")
 
     # ---- what the loop records -----------------------------------------------------------------------------------
     def genotype(self) -> RNNGenotype:
@@ -201,8 +217,8 @@ class RNNSearchTask:
             return self.model.genotype()
 
     def chosen(self) -> ContextManager[None]:
-        """The alphas the genotype is read from: the model's own, or random search's best cell."""
-        return nullcontext() if self.random is None else self.random.chosen()
+        """The alphas the genotype is read from: the model's own, or a sampling strategy's best cell."""
+        return nullcontext() if self.sampler is None else self.sampler.chosen()
 
     def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
         ops = [op for op, _ in genotype.recurrent]
@@ -217,9 +233,9 @@ class RNNSearchTask:
 
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.windows.get_state(),
-                **({} if self.random is None else {"random": self.random.state_dict()})}
+                **({} if self.sampler is None else {"sampler": self.sampler.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.windows.set_state(state["windows"])
-        if self.random is not None:
-            self.random.load_state_dict(state["random"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])

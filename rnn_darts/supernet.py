@@ -23,7 +23,7 @@ from rnn_darts.network import HighwayCell, TiedLanguageModel, check_config
 from rnn_darts.ops import ACTIVATIONS, NONE
 from shared.errors import ConfigError
 from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
-from shared.sampling import none_column, one_hot_logits, uniform_op
+from shared.sampling import Decision, none_column, one_hot_logits
 
 ARCH_PARAMETER_NAMES = ("alphas",)
 
@@ -159,17 +159,20 @@ class RNNSupernet(TiedLanguageModel):
         """The op weights softmax(alphas) (num_edges, primitives), detached."""
         return F.softmax(self.alphas.detach(), dim=-1)
 
-    def sample_alphas(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """A cell drawn uniformly (per node one predecessor and one op other than 'none') as one-hot alpha logits;
-        the other predecessors take 'none'."""
-        none = none_column(self.config.primitives)
-        choice, start = [none] * self.config.num_edges, 0
+    def decisions(self) -> list[Decision]:
+        """The cell as choices, for the sampling strategies: per node its predecessor, then its op (not 'none')."""
+        ops = len(self.cell.op_columns)
+        return [d for i in range(self.config.steps) for d in (Decision("input", i + 1), Decision("op", ops))]
+
+    def alphas_from(self, tokens: list[int]) -> dict[str, Tensor]:
+        """One-hot alpha logits of the cell `tokens` describe (see `decisions`); the other predecessors of each
+        node take 'none', so the supernet computes that cell alone."""
+        choice, start = [none_column(self.config.primitives)] * self.config.num_edges, 0
         for i in range(self.config.steps):
-            j = int(torch.randint(i + 1, (), generator=generator))
-            choice[start + j] = uniform_op(self.config.primitives, generator)
+            predecessor, op = tokens[2 * i], tokens[2 * i + 1]
+            choice[start + predecessor] = self.cell.op_columns[op]
             start += i + 1
-        logits = one_hot_logits(self.config.num_edges, len(self.config.primitives), choice)
-        return {"alphas": logits.to(self.alphas)}
+        return {"alphas": one_hot_logits(self.config.num_edges, len(self.config.primitives), choice).to(self.alphas)}
 
     def genotype(self) -> RNNGenotype:
         """The discrete cell: per node the (predecessor, non-none op) of largest weight, as the original `_parse`.

@@ -4,8 +4,9 @@ edge and -inf elsewhere, so the supernet's softmax is exactly one-hot and the su
 (edges left out take the 'none' op). Space-specific samplers say which edges and ops a cell may choose."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +29,24 @@ def none_column(primitives: Sequence[str]) -> int:
     return list(primitives).index("none")
 
 
-def uniform_op(primitives: Sequence[str], generator: torch.Generator) -> int:
-    """A column drawn uniformly among the ops other than 'none'."""
-    columns = [k for k, name in enumerate(primitives) if name != "none"]
-    return columns[int(torch.randint(len(columns), (), generator=generator))]
+@dataclass(frozen=True)
+class Decision:
+    """One choice in describing a cell: a supernet lists its cells as decisions (`decisions()`) and turns one token
+    per decision into one-hot alpha logits (`alphas_from(tokens)`)."""
+
+    kind: str  # "input" | "op"
+    choices: int  # tokens 0..choices-1
+    distinct_from: int | None = None  # the index of an earlier decision whose token this one may not repeat
+
+
+def uniform_tokens(decisions: Sequence[Decision], generator: torch.Generator) -> list[int]:
+    """One token per decision, uniform over its allowed choices."""
+    tokens: list[int] = []
+    for decision in decisions:
+        allowed = [c for c in range(decision.choices)
+                   if decision.distinct_from is None or c != tokens[decision.distinct_from]]
+        tokens.append(allowed[int(torch.randint(len(allowed), (), generator=generator))])
+    return tokens
 
 
 @contextmanager
@@ -50,22 +65,20 @@ def alphas_set(model: nn.Module, logits: dict[str, Tensor]) -> Iterator[None]:
                 params[name].copy_(value)
 
 
-STRATEGIES = ("darts", "random")
+STRATEGIES = ("darts", "random", "reinforce")
 
 
 def check_strategy(strategy: str, samples: int) -> None:
-    """One line unless `strategy` is known and `samples` (architectures scored per epoch) a positive integer."""
+    """One line unless `strategy` is known and `samples` (cells scored per epoch: select_cells) a positive integer."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ConfigError(f"random_samples must be a positive integer, got {samples!r}")
+        raise ConfigError(f"select_cells must be a positive integer, got {samples!r}")
 
 
-class RandomArchitectures:
-    """Random search with weight sharing over a supernet that has `sample_alphas(generator)`: every weight step
-    trains a freshly drawn cell (`next`); after each epoch `samples` drawn cells are scored with the shared weights
-    and the best becomes the epoch's genotype (`select`). The draws come from its own generator, checkpointed with
-    the best cell (`state_dict`)."""
+class SampledArchitectures:
+    """What the sampling strategies share: the cell a weight step trains (`next`), and after each epoch `samples`
+    cells scored with the shared weights, the best kept as the epoch's genotype (`select`, `chosen`)."""
 
     def __init__(self, model: nn.Module, samples: int, seed: int) -> None:
         self.model, self.samples = model, samples
@@ -73,11 +86,19 @@ class RandomArchitectures:
         self.best: dict[str, Tensor] | None = None
 
     def next(self) -> dict[str, Tensor]:
-        return self.model.sample_alphas(self.generator)
+        raise NotImplementedError
+
+    def update(self, reward: Callable[[], float]) -> dict[str, float] | None:
+        """After a weight step: a learning strategy's own step (`reward` scores the cell set); none here."""
+        return None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """What the strategy itself records per epoch; nothing here."""
+        return {}
 
     def select(self, score: Callable[[], dict[str, float]], key: str) -> dict[str, float]:
-        """Score `samples` drawn cells (`score` runs with each one set), keep the one of lowest metric `key`, and
-        return its metrics."""
+        """Score `samples` cells (`score` runs with each one set), keep the one of lowest metric `key`, and return
+        its metrics."""
         best: tuple[dict[str, Tensor], dict[str, float]] | None = None
         for _ in range(self.samples):
             logits = self.next()
@@ -89,14 +110,9 @@ class RandomArchitectures:
         self.best = best[0]
         return best[1]
 
-    @contextmanager
-    def chosen(self) -> Iterator[None]:
-        """Run the block with the best cell set (the model's own alphas before any selection)."""
-        if self.best is None:
-            yield
-        else:
-            with alphas_set(self.model, self.best):
-                yield
+    def chosen(self) -> ContextManager[None]:
+        """The block runs with the best cell set (the model's own alphas before any selection)."""
+        return nullcontext() if self.best is None else alphas_set(self.model, self.best)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "best": self.best}
@@ -104,3 +120,11 @@ class RandomArchitectures:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.best = state["best"]
+
+
+class RandomArchitectures(SampledArchitectures):
+    """Random search with weight sharing (Li & Talwalkar 2019): every cell drawn uniformly over the supernet's
+    decisions, from a checkpointed generator."""
+
+    def next(self) -> dict[str, Tensor]:
+        return self.model.alphas_from(uniform_tokens(self.model.decisions(), self.generator))

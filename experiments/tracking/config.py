@@ -40,6 +40,15 @@ def collapse_config() -> None:  # the collapse diagnostics and early stopping of
     early_stop_skips = 2  # skip: stop once the cell holds this many skip_connect (CNN normal cell) / identity (RNN)
 
 
+def controller_config() -> None:  # strategy=reinforce: the REINFORCE controller (shared.controller)
+    controller_hidden = 64  # reinforce: the controller's LSTM cell size
+    controller_lr = 3.5e-4  # reinforce: Adam on the controller (ENAS)
+    controller_every = 10  # reinforce: one controller step after this many shared-weight steps
+    controller_samples = 4  # reinforce: cells sampled and rewarded per controller step
+    entropy_weight = 1e-4  # reinforce: bonus on the controller's entropy (ENAS)
+    baseline_decay = 0.95  # reinforce: the reward's moving average, subtracted as baseline
+
+
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit",

@@ -139,7 +139,7 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
 
 
 def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path: Path) -> None:
-    whole = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", runs=tmp_path / "whole")
+    whole = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", runs=tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     metrics, folder = whole.metrics(), whole.run_dir()
     for name in ("train_loss", "train_acc", "valid_loss", "valid_acc", "skip_connect_normal", "edge_entropy"):
@@ -148,9 +148,27 @@ def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path
     genotype = load(folder / "genotype.json")
     assert isinstance(genotype, CNNGenotype) and all(op != "none" for op, _ in genotype.normal + genotype.reduce)
     assert metrics["edge_entropy"]["values"] == [0.0, 0.0]  # the recorded alphas are the chosen one-hot cell
-    first = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", "time_limit=1e-9")
-    resumed = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3", f"resume={first.run_dir(1)}")
+    first = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", "time_limit=1e-9")
+    resumed = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", f"resume={first.run_dir(1)}")
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "valid_acc"):
+        assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
+    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+
+
+def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: Path) -> None:
+    args = ("epochs=2", "strategy=reinforce", "select_cells=3", "controller_every=2", "controller_samples=2")
+    whole = tiny_search(tmp_path, *args, runs=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    metrics = whole.metrics()
+    for name in ("train_loss", "valid_acc", "skip_connect_normal", "controller_reward", "controller_entropy"):
+        assert metrics[name]["steps"] == [1, 2], name
+    assert all(0 <= v <= 1 for v in metrics["controller_reward"]["values"])  # accuracy on an architecture batch
+    genotype = load(whole.run_dir() / "genotype.json")
+    assert all(op != "none" for op, _ in genotype.normal + genotype.reduce)
+    first = tiny_search(tmp_path, *args, "time_limit=1e-9")
+    resumed = tiny_search(tmp_path, *args, f"resume={first.run_dir(1)}")
+    assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
+    for name in ("train_loss", "valid_loss", "controller_reward", "controller_entropy"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
     assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]

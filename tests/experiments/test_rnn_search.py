@@ -153,7 +153,7 @@ def test_bad_threads_is_one_line(tmp_path: Path, value: str) -> None:
 
 
 def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "epochs=2", "strategy=random", "random_samples=3")
+    result = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3")
     assert result.returncode == 0, result.stderr
     metrics = result.metrics()
     for name in ("train_ppl", "valid_ppl", "identity_share", "edge_entropy"):
@@ -161,3 +161,14 @@ def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_pat
     genotype = load(result.run_dir() / "genotype.json")
     assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3
     assert result.run_json()["result"]["genotype"] == json.loads((result.run_dir() / "genotype.json").read_text())
+
+
+def test_reinforce_search_records_the_controller_and_a_valid_genotype(tmp_path: Path) -> None:
+    result = tiny_search(tmp_path, "epochs=2", "strategy=reinforce", "select_cells=3", "controller_every=3")
+    assert result.returncode == 0, result.stderr
+    metrics = result.metrics()
+    for name in ("train_ppl", "valid_ppl", "controller_reward", "controller_baseline", "controller_entropy"):
+        assert metrics[name]["steps"] == [1, 2], name
+    assert all(v > 0 for v in metrics["controller_reward"]["values"])  # 80 / perplexity
+    genotype = load(result.run_dir() / "genotype.json")
+    assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3

@@ -10,14 +10,14 @@ from cnn_darts.supernet import SupernetConfig as CNNConfig
 from rnn_darts.supernet import RNNSupernet
 from rnn_darts.supernet import SupernetConfig as RNNConfig
 from shared.errors import ConfigError
-from shared.sampling import RandomArchitectures, alphas_set, check_strategy
+from shared.sampling import RandomArchitectures, alphas_set, check_strategy, uniform_tokens
 
 
 def test_a_sampled_rnn_cell_has_one_predecessor_and_one_real_op_per_node() -> None:
     model = RNNSupernet(RNNConfig(ntoken=20, ninp=8, nhid=8, steps=4))
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        probs = torch.softmax(model.sample_alphas(generator)["alphas"], -1)
+        probs = torch.softmax(model.alphas_from(uniform_tokens(model.decisions(), generator))["alphas"], -1)
         assert torch.equal(probs.sum(-1), torch.ones(10)) and set(probs.unique().tolist()) == {0.0, 1.0}
         start = 0
         for i in range(4):
@@ -31,7 +31,7 @@ def test_a_sampled_cnn_cell_has_two_distinct_inputs_per_node_in_both_cells() -> 
     generator = torch.Generator().manual_seed(0)
     seen_inputs = set()
     for _ in range(20):
-        logits = model.sample_alphas(generator)
+        logits = model.alphas_from(uniform_tokens(model.decisions(), generator))
         with alphas_set(model, logits):
             genotype = model.genotype()
         for name, edges in (("alphas_normal", genotype.normal), ("alphas_reduce", genotype.reduce)):
@@ -52,7 +52,7 @@ def test_the_supernet_with_a_sampled_cell_computes_only_the_chosen_ops_and_alpha
     torch.manual_seed(0)
     model = Supernet(CNNConfig(C=4, num_classes=2, layers=3, steps=2, multiplier=2)).eval()
     before = {name: p.detach().clone() for name, p in model.named_parameters() if "alphas" in name}
-    logits = model.sample_alphas(torch.Generator().manual_seed(1))
+    logits = model.alphas_from(uniform_tokens(model.decisions(), torch.Generator().manual_seed(1)))
     x = torch.randn(2, 3, 8, 8)
     with alphas_set(model, logits):
         out = model(x)
@@ -94,8 +94,8 @@ def test_select_keeps_the_lowest_scored_cell_and_resumes_its_draws() -> None:
     assert torch.equal(again.next()["alphas"], search.next()["alphas"])
 
 
-@pytest.mark.parametrize("strategy, samples, key", [("evolution", 10, "strategy"), ("random", 0, "random_samples"),
-                                                    ("random", 2.5, "random_samples")])
+@pytest.mark.parametrize("strategy, samples, key", [("evolution", 10, "strategy"), ("random", 0, "select_cells"),
+                                                    ("random", 2.5, "select_cells")])
 def test_bad_strategy_config_is_one_line(strategy: str, samples, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         check_strategy(strategy, samples)
