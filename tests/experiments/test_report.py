@@ -118,7 +118,8 @@ def build_runs(root: Path) -> Path:
     write_run(runs / "5", "cnn_train", {"seed": 6, "epochs": 10, "threads": 2}, status="RUNNING",
               per_epoch={"valid_acc": [0.7], "train_acc": [0.65]}, info={"epochs_done": 1, "num_parameters": 3000},
               start=NOW - timedelta(hours=4), seconds=3600.0)  # last heartbeat 3 h ago
-    broken = write_run(runs / "6", "rnn_search", _search_config(3, "second", 3), status="INTERRUPTED")
+    broken = write_run(runs / "6", "rnn_search", _search_config(3, "second", 3, strategy="reinforce"),
+                       status="INTERRUPTED")
     (broken / "metrics.json").write_text("{not json")
     (broken / "alphas.json").write_text("[{")
     (runs / "_sources").mkdir()
@@ -192,7 +193,7 @@ def test_runs_table_has_one_row_per_run_with_status_values_and_parameters(built)
         "1": "COMPLETED", "2": "COMPLETED", "3": "COMPLETED", "4": "FAILED",
         "5": "RUNNING? last heartbeat 3 h ago", "6": "INTERRUPTED"}
     assert table["1"]["experiment"] == "rnn_search" and table["1"]["order"] == "second"
-    assert [table[k]["strategy"] for k in "1236"] == ["darts", "random", "–", "darts"]  # no key: darts
+    assert [table[k]["strategy"] for k in "1236"] == ["darts", "random", "–", "reinforce"]  # no key: darts
     assert (table["1"]["best valid"], table["1"]["final valid"]) == ("700.00 ppl", "750.00 ppl")
     assert (table["2"]["best valid"], table["2"]["final valid"], table["2"]["order"]) == ("60.00% acc", "60.00% acc",
                                                                                           "first")
@@ -208,9 +209,10 @@ def test_runs_table_has_one_row_per_run_with_status_values_and_parameters(built)
 def test_config_differences_list_only_shared_keys_that_differ(built) -> None:
     md = built[2]
     header, *rows = md_tables(md.split("## Config differences\n", 1)[1])[0]
-    assert header == ["id", "epochs", "learning_rate", "order", "seed"]  # not threads (equal), not only_here (one run)
+    # not threads (equal), not only_here (one run); strategy differs between runs 2 (random) and 6 (reinforce)
+    assert header == ["id", "epochs", "learning_rate", "order", "seed", "strategy"]
     values = {row[0]: row[1:] for row in rows}
-    assert values["1"] == ["3", "5.0", "second", "3"] and values["3"] == ["2", "20.0", "–", "5"]
+    assert values["1"] == ["3", "5.0", "second", "3", "–"] and values["3"] == ["2", "20.0", "–", "5", "–"]
     assert values["4"][2] == "third"
 
 
