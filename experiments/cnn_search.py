@@ -12,8 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments.tracking.config import (RESUMABLE_CHANGES, collapse_config, common_config, config_values,
-                                         controller_config, paper)
+from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import run_tracked, search_result
@@ -50,11 +49,9 @@ def config() -> None:
     init_channels = 16  # C of the first cell
     layers = 8  # cells; reductions at 1/3 and 2/3 of the depth
     steps = 4  # intermediate nodes per cell
-ex.config(common_config)  # device, threads, resume, time_limit
-ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
-ex.config(controller_config)  # strategy=reinforce
-ex.named_config(paper)  # `with paper`: the defaults
 
+
+add_shared_config(ex, search=True)  # device, threads, resume, time_limit, collapse, controller, `paper`
 
 
 @ex.named_config

@@ -12,7 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, common_config, config_values, paper
+from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import record_training, resolve_genotype
@@ -48,9 +48,9 @@ def config() -> None:
     test_images = None  # only the first N test images (None: all)
     init_channels = 36  # C of the first cell
     layers = 20  # cells; reductions at 1/3 and 2/3 of the depth
-ex.config(common_config)  # device, threads, resume, time_limit
-ex.named_config(paper)  # `with paper`: the defaults
 
+
+add_shared_config(ex, search=False)  # device, threads, resume, time_limit, `paper`
 
 
 @ex.named_config

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking.config import collapse_config, common_config, config_values, controller_config, paper
+from experiments.tracking.config import add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import run_tracked, search_result
@@ -62,11 +62,9 @@ def config() -> None:
     dropoutx = 0.75  # cell input (per sequence)
     dropouti = 0.2  # embedding output (locked)
     dropoute = 0.0  # whole words
-ex.config(common_config)  # device, threads, resume, time_limit
-ex.config(collapse_config)  # the collapse diagnostics and early stopping every search shares
-ex.config(controller_config)  # strategy=reinforce
-ex.named_config(paper)  # `with paper`: the defaults
 
+
+add_shared_config(ex, search=True)  # device, threads, resume, time_limit, collapse, controller, `paper`
 
 
 @ex.named_config

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking.config import common_config, config_values, paper
+from experiments.tracking.config import add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import record_training, resolve_genotype
@@ -56,9 +56,9 @@ def config() -> None:
     dropoutx = 0.75  # cell input (per sequence)
     dropouti = 0.2  # embedding output (locked)
     dropoute = 0.1  # whole words (the paper's 0.1; the original rnn/train.py's default is 0)
-ex.config(common_config)  # device, threads, resume, time_limit
-ex.named_config(paper)  # `with paper`: the defaults
 
+
+add_shared_config(ex, search=False)  # device, threads, resume, time_limit, `paper`
 
 
 @ex.named_config

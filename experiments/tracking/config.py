@@ -49,6 +49,16 @@ def controller_config() -> None:  # strategy=reinforce: the REINFORCE controller
     baseline_decay = 0.95  # reinforce: the reward's moving average, subtracted as baseline
 
 
+def add_shared_config(ex: Any, search: bool) -> None:
+    """Register the shared scopes on an experiment, after its own config (so its comments win): the common keys,
+    for a search the collapse and controller keys, and the `paper` named config."""
+    ex.config(common_config)
+    if search:
+        ex.config(collapse_config)
+        ex.config(controller_config)
+    ex.named_config(paper)
+
+
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit",
