@@ -293,6 +293,9 @@ def check(old: Record, runs: Path) -> list[str]:
     if runs.resolve() == old.folder.resolve() or old.folder.resolve() in runs.resolve().parents:
         raise RecordError(f"--runs-dir {runs} is inside the run being reproduced, which must stay as it is: "
                           f"pass another folder")
+    blocker = next((p for p in (runs, *runs.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise RecordError(f"--runs-dir {runs} cannot be a folder: {blocker} is a file; pass a folder for the new run")
     resume = old.config.get("resume")  # a resumed run resumes from the same checkpoint again
     if resume and not Path(str(resume)).exists():
         raise RecordError(f"{old.folder} resumed from {resume}, which no longer exists (relative paths are taken "

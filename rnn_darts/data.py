@@ -6,6 +6,7 @@ is a `tokenizers` WordLevel model trained on the training split, and every line 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from shared.errors import ConfigError, DataError
+from shared.errors import CheckpointError, ConfigError, DataError
 from shared.hub import data_folder, load_hub_dataset, offline_reason, one_line, quiet_progress_bars
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,21 @@ def synthetic_corpus(ntoken: int, tokens: int, seed: int = 0) -> Corpus:
     generator = torch.Generator().manual_seed(seed)
     train, valid, test = (torch.randint(ntoken, (tokens,), generator=generator) for _ in range(3))
     return Corpus(tokenizer, train, valid, test, source=f"synthetic:{ntoken}x{tokens}")
+
+
+def vocabulary_fingerprint(corpus: Corpus) -> str:
+    """'<N> words, sha256 <first 12 hex digits>' of the vocabulary in id order: what a resumed run must share."""
+    vocab = corpus.tokenizer.get_vocab()
+    words = "\n".join(sorted(vocab, key=vocab.get))
+    return f"{len(vocab)} words, sha256 {hashlib.sha256(words.encode()).hexdigest()[:12]}"
+
+
+def check_vocabulary(saved: str | None, current: str) -> None:
+    """One line unless a checkpoint's vocabulary fingerprint (None: a checkpoint from before the check) is the
+    current corpus's."""
+    if saved is not None and saved != current:
+        raise CheckpointError(f"resume: the checkpoint's vocabulary ({saved}) is not this corpus's ({current}): "
+                              f"word ids would mean other words; resume with the data_dir the run used")
 
 
 def save_tokenizer(corpus: Corpus, path: str | Path) -> Path:

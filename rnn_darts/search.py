@@ -16,7 +16,8 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import Tensor
 
-from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch, scale_learning_rate
+from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, get_batch, scale_learning_rate,
+                            vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
@@ -96,6 +97,7 @@ class RNNSearchTask:
                  seed: int, collapse: CollapseConfig = CollapseConfig(),
                  controller: ControllerConfig = ControllerConfig()) -> None:
         self.config, self.device, self.collapse = config, device, collapse
+        self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train, arch, valid = split_streams(corpus, config)
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
         self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
@@ -232,10 +234,11 @@ class RNNSearchTask:
             return {"alphas": self.model.alpha_softmax()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"windows": self.windows.get_state(),
+        return {"windows": self.windows.get_state(), "vocabulary": self.vocabulary,
                 **({} if self.sampler is None else {"sampler": self.sampler.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_vocabulary(state.get("vocabulary"), self.vocabulary)
         self.windows.set_state(state["windows"])
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from rnn_darts.data import Corpus, batchify, bptt_windows, get_batch, scale_learning_rate
+from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, get_batch, scale_learning_rate,
+                            vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
 from shared.errors import ConfigError
@@ -95,6 +96,7 @@ class RNNTrainTask(FixedGenotypeTask):
     def __init__(self, corpus: Corpus, genotype: RNNGenotype, model_config: ModelConfig, config: TrainConfig,
                  device: torch.device, seed: int) -> None:
         self.config, self.device, self.fixed_genotype = config, device, genotype
+        self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
         valid = corpus.valid[:config.eval_tokens] if config.eval_tokens else corpus.valid
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
@@ -175,12 +177,14 @@ class RNNTrainTask(FixedGenotypeTask):
 
     # ---- what the loop checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"windows": self.windows.get_state(), "epoch": self.epoch, "valid_losses": list(self.valid_losses),
+        return {"windows": self.windows.get_state(), "vocabulary": self.vocabulary,
+                "epoch": self.epoch, "valid_losses": list(self.valid_losses),
                 "average": None if self.average is None else self.average.state_dict(),
                 "averaging_from": self.averaging_from, "best": dict(self.best)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`; tensors move to the task's device (checkpoints load on the CPU)."""
+        check_vocabulary(state.get("vocabulary"), self.vocabulary)
         self.windows.set_state(state["windows"])
         self.epoch, self.valid_losses = state["epoch"], list(state["valid_losses"])
         self.averaging_from, self.best = state["averaging_from"], dict(state["best"])

@@ -188,11 +188,12 @@ def capture(task: EpochTask, epoch: int, history: list[EpochRecord], config: dic
 
 
 def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
-    """Put the task back into a captured state; returns the epoch history it had."""
+    """Put the task back into a captured state; returns the epoch history it had. The task's own state goes first:
+    it may check that the checkpoint fits the data (a vocabulary) before the model's shapes are compared."""
+    task.load_state_dict(state["task"])
     task.model.load_state_dict(state["model"])
     for name, optimizer in task.optimizers().items():
         optimizer.load_state_dict(state[name])
-    task.load_state_dict(state["task"])
     checkpoint.set_rng_state(state["rng"])
     return [EpochRecord.from_dict(record) for record in state["history"]]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +42,12 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(config["seed"])
-    resume_state = checkpoint.load(config["resume"]) if config.get("resume") else None
+    resume = config.get("resume")
+    # An empty value (a batch script's unset variable) must fail, not start the run again from zero.
+    if resume is not None and (not isinstance(resume, (str, os.PathLike)) or not str(resume).strip()):
+        raise ConfigError(f"resume must be a run folder or checkpoint.pt, got {resume!r}: pass one to continue, "
+                          f"or leave resume out (None) for a fresh run")
+    resume_state = checkpoint.load(resume) if resume is not None else None
     if resume_state is not None:
         check_resume_config(resume_state["config"], config, may_change)
         if genotype is not None and resume_state["genotype"] != to_dict(genotype):

@@ -220,3 +220,15 @@ def test_a_checkout_named_like_a_package_reads_its_own_sources(tmp_path: Path) -
     assert not any("shared/x.py" in line for line in lines), lines
     old = {"experiment": {"base_dir": str(root / "experiments"), "sources": [["_sacred.py", "_sources/s_0.py"]]}}
     assert "experiments/_sacred.py: gone since the run" in source_changes(Record(tmp_path, old, {}, {}, {}), root)
+
+
+def test_a_runs_dir_that_is_a_file_is_one_line_and_exit_status_2(copied: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = digests(copied)
+    result = run_experiment("reproduce", str(copied / "1"), "--runs-dir", str(blocker / "sub"), runs=copied)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert lines == [f"error: --runs-dir {blocker / 'sub'} cannot be a folder: {blocker} is a file; pass a folder "
+                     f"for the new run"]
+    assert "verdict" not in result.stdout and digests(copied) == before

@@ -172,3 +172,10 @@ def test_reinforce_search_records_the_controller_and_a_valid_genotype(tmp_path: 
     assert all(v > 0 for v in metrics["controller_reward"]["values"])  # 80 / perplexity
     genotype = load(result.run_dir() / "genotype.json")
     assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3
+
+
+@pytest.mark.parametrize("value", ["resume=''", "resume=' '"])
+def test_an_empty_resume_is_one_line_not_a_fresh_run(tmp_path: Path, value: str) -> None:
+    result = tiny_search(tmp_path, "epochs=1", value)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "resume must be a run folder or checkpoint.pt" in result.stderr

@@ -230,3 +230,23 @@ def test_zero_tokens_is_refused_as_in_the_training(key: str) -> None:
 
     with pytest.raises(ConfigError, match=f"{key} must be a positive number of tokens or None"):
         SearchConfig(**{key: 0})
+
+
+@pytest.mark.parametrize("words", [30, 31], ids=["same-size-other-words", "other-size"])
+def test_resuming_with_another_vocabulary_is_one_line_before_any_shape_error(corpus, tmp_path, words: int) -> None:
+    from shared.errors import CheckpointError
+
+    path = tmp_path / "c.pt"
+    run_epochs(make_task(corpus, "first"), 1, path, ListRecorder(), config={})
+    other = load_corpus(write_corpus(tmp_path / "other", words=words, seed=1))
+    if words == 30:  # the same number of words, other words: rename one
+        folder = tmp_path / "renamed"
+        write_corpus(folder, words=30, seed=1)
+        for split in ("train", "valid", "test"):
+            text = (folder / f"ptb.{split}.txt").read_text().replace("w7 ", "x7 ").replace("w7\n", "x7\n")
+            (folder / f"ptb.{split}.txt").write_text(text)
+        other = load_corpus(folder)
+        assert other.ntoken == corpus.ntoken
+    with pytest.raises(CheckpointError, match="vocabulary") as info:
+        run_epochs(make_task(other, "first"), 2, path, ListRecorder(), config={}, resume=checkpoint.load(path))
+    assert "\n" not in str(info.value) and "data_dir the run used" in str(info.value)
