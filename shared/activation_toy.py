@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.bilevel import Bilevel, BilevelConfig, Forward
+from shared.bilevel import Bilevel, BilevelConfig
 
 ACTIVATIONS = ("linear", "sigmoid")
 PAIRS = tuple(product(range(len(ACTIVATIONS)), repeat=2))  # (a1, a2): 0 linear, 1 sigmoid
@@ -184,6 +184,3 @@ def darts(data: ToyData, order: str, steps: int = 300, lr: float = 0.1, arch_lr:
 def name(pair: tuple[int, int]) -> str:
     return f"({ACTIVATIONS[pair[0]]}, {ACTIVATIONS[pair[1]]})"
 
-
-__all__ = ["ACTIVATIONS", "PAIRS", "Forward", "ToyController", "darts", "fitted_mse", "name", "reinforce",
-           "rewards", "toy_data"]

@@ -77,13 +77,13 @@ class Controller(nn.Module):
         for i, decision in enumerate(self.decisions):
             state = self.cell(self.embed(previous), state)
             log_p = torch.log_softmax(self.logits(decision, state[0], tokens), dim=-1)
+            p = log_p.exp()
             if given is not None:
                 token = int(given[i])
             else:
-                token = int(torch.multinomial(log_p.exp().detach().cpu(), 1, generator=generator))
+                token = int(torch.multinomial(p.detach().cpu(), 1, generator=generator))
             tokens.append(token)
             log_prob = log_prob + log_p[token]
-            p = log_p.exp()
             entropy = entropy - (p * log_p.masked_fill(p == 0, 0.0)).sum()
             previous = torch.tensor([token], device=device)
         return tokens, log_prob, entropy
