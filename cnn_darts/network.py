@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
+from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and_cells
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 
@@ -154,23 +154,11 @@ class NetworkCIFAR(nn.Module):
                               f"got {type(genotype).__name__}")
         self.config, self.genotype = config, genotype
         self.aux_position = 2 * config.layers // 3  # the auxiliary head reads the output of this cell
-        C_stem = config.stem_multiplier * config.C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
-        C_prev_prev, C_prev, C = C_stem, C_stem, config.C
-        self.cells = nn.ModuleList()
-        reduction_prev, C_aux = False, 0
-        for i in range(config.layers):
-            reduction = i in (config.layers // 3, 2 * config.layers // 3)
-            if reduction:
-                C *= 2
-            cell = DerivedCell(genotype, C_prev_prev, C_prev, C, reduction, reduction_prev)
-            self.cells.append(cell)
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C
-            if i == self.aux_position:
-                C_aux = C_prev
-        self.auxiliary_head = AuxiliaryHead(C_aux, config.num_classes) if config.auxiliary else None
-        self.classifier = nn.Linear(C_prev, config.num_classes)
+        self.stem, self.cells, channels = stem_and_cells(
+            config.C, config.stem_multiplier, config.layers, lambda *shape: DerivedCell(genotype, *shape))
+        self.auxiliary_head = (AuxiliaryHead(channels[self.aux_position], config.num_classes) if config.auxiliary
+                               else None)
+        self.classifier = nn.Linear(channels[-1], config.num_classes)
         self._drop_path_prob = 0.0
 
     @property

@@ -165,3 +165,24 @@ OPS.add("dil_conv_5x5", lambda C, stride, affine: DilConv(C, C, 5, stride, 2, af
 def build_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
     """The op registered as `name` for C channels; raises KeyError naming the registered ops if unknown."""
     return OPS.get(name)(C, stride, affine)
+
+
+def stem_and_cells(C: int, stem_multiplier: int, layers: int, make_cell: Callable[..., nn.Module]
+                   ) -> tuple[nn.Sequential, nn.ModuleList, list[int]]:
+    """The stem and the `layers` cells of a CIFAR network, built in the original's order: reductions at 1/3 and
+    2/3 of the depth, where C doubles. `make_cell(C_prev_prev, C_prev, C, reduction, reduction_prev)` builds a
+    cell with `multiplier * C` output channels. Returns the stem, the cells and each cell's output channels."""
+    C_stem = stem_multiplier * C
+    stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+    C_prev_prev, C_prev = C_stem, C_stem
+    cells, channels, reduction_prev = nn.ModuleList(), [], False
+    for i in range(layers):
+        reduction = i in (layers // 3, 2 * layers // 3)
+        if reduction:
+            C *= 2
+        cell = make_cell(C_prev_prev, C_prev, C, reduction, reduction_prev)
+        cells.append(cell)
+        reduction_prev = reduction
+        C_prev_prev, C_prev = C_prev, cell.multiplier * C
+        channels.append(C_prev)
+    return stem, cells, channels

@@ -7,7 +7,6 @@ over the configured epochs (so xi does too).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -23,8 +22,8 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
-from shared.controller import ControllerConfig, sampler_for
-from shared.sampling import alphas_set, check_strategy
+from shared.controller import ControllerConfig, strategy_for
+from shared.sampling import check_strategy
 
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
@@ -83,7 +82,7 @@ class CNNSearchTask(SchedulerGeneratorState):
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-        self.sampler = sampler_for(config.strategy, self.model, config.select_cells, seed, controller)
+        self.strategy = strategy_for(config.strategy, self.model, config.select_cells, seed, controller)
 
     @staticmethod
     def loss(x: Tensor, y: Tensor, keep: dict[str, Tensor] | None = None) -> LossFn:
@@ -102,13 +101,10 @@ class CNNSearchTask(SchedulerGeneratorState):
         """One search step: the architecture step on (xa, ya) (none for plain), the weight step on (x, y). Returns the
         weight batch's loss and number of correct predictions, detached and on the device."""
         keep: dict[str, Tensor] = {}
-        if self.sampler is not None:  # random search, REINFORCE: a sampled cell's weights, no architecture step
-            with alphas_set(self.model, self.sampler.next()):
-                self.engine.weight_step(self.loss(x, y, keep))
-            self.sampler.update(lambda: self.reward(xa, ya))
-            return keep
-        self.engine.arch_step(self.loss(x, y), self.loss(xa, ya))  # plain: no architecture step
-        self.engine.weight_step(self.loss(x, y, keep))
+        self.strategy.arch_step(self.engine, self.loss(x, y), self.loss(xa, ya))
+        with self.strategy.weight_cell():
+            self.engine.weight_step(self.loss(x, y, keep))
+        self.strategy.update(lambda: self.reward(xa, ya))
         return keep
 
     def reward(self, xa: Tensor, ya: Tensor) -> float:
@@ -131,14 +127,13 @@ class CNNSearchTask(SchedulerGeneratorState):
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()
         sums = progress.close()
-        strategy = {} if self.sampler is None else self.sampler.epoch_metrics()
-        return {**accuracy_metrics("train", sums), **self.curvature(epoch), **strategy}
+        return {**accuracy_metrics("train", sums), **self.curvature(epoch), **self.strategy.epoch_metrics()}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         `batch_size` images of the architecture half, training mode as the architecture step), when `epoch`
         measures."""
-        if not self.collapse.measures(epoch) or self.sampler is not None:  # the sampling strategies train no alphas
+        if not self.collapse.measures(epoch) or not self.strategy.trains_alphas:
             return {}
         self.model.train()
         size = self.config.batch_size
@@ -155,7 +150,7 @@ class CNNSearchTask(SchedulerGeneratorState):
             self.model.eval()
             return classify(self.model, *self.arch_data, self.config.batch_size, "valid")
 
-        return score() if self.sampler is None else self.sampler.select(score, "valid_loss")
+        return self.strategy.select(score, "valid_loss")
 
     def genotype(self) -> CNNGenotype:
         with self.chosen():
@@ -163,7 +158,7 @@ class CNNSearchTask(SchedulerGeneratorState):
 
     def chosen(self) -> ContextManager[None]:
         """The alphas the genotype is read from: the model's own, or a sampling strategy's best cell."""
-        return nullcontext() if self.sampler is None else self.sampler.chosen()
+        return self.strategy.chosen()
 
     def genotype_metrics(self, genotype: CNNGenotype) -> dict[str, float]:
         return {"skip_connect_normal": float(sum(op == "skip_connect" for op, _ in genotype.normal)),
@@ -178,9 +173,8 @@ class CNNSearchTask(SchedulerGeneratorState):
             return self.model.alpha_softmax()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **({} if self.sampler is None else {"sampler": self.sampler.state_dict()})}
+        return {**super().state_dict(), "sampler": self.strategy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state["sampler"])
+        self.strategy.load_state_dict(state.get("sampler", {}))  # DARTS checkpoints before 2026-12-02 hold none

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
+from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and_cells
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
 from shared.sampling import Decision, none_column, one_hot_logits
@@ -162,19 +162,9 @@ class Supernet(nn.Module):
     def __init__(self, config: SupernetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or SupernetConfig()
-        C_stem = config.stem_multiplier * config.C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
-        C_prev_prev, C_prev, C = C_stem, C_stem, config.C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(config.layers):
-            reduction = i in (config.layers // 3, 2 * config.layers // 3)
-            if reduction:
-                C *= 2
-            self.cells.append(SearchCell(config, C_prev_prev, C_prev, C, reduction, reduction_prev))
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, config.multiplier * C
-        self.classifier = nn.Linear(C_prev, config.num_classes)
+        self.stem, self.cells, channels = stem_and_cells(config.C, config.stem_multiplier, config.layers,
+                                                         lambda *shape: SearchCell(config, *shape))
+        self.classifier = nn.Linear(channels[-1], config.num_classes)
         shape = (config.num_edges, len(config.primitives))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(shape))

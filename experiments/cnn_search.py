@@ -15,7 +15,7 @@ from cnn_darts.supernet import SupernetConfig
 from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.runs import run_tracked, search_result
+from experiments.tracking.runs import run_search
 from shared.collapse import CollapseConfig
 from shared.controller import ControllerConfig
 from shared.device import resolve_device
@@ -68,22 +68,18 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str, steps: int
-         ) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
     config = dict(_config)
-    collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
-    controller = ControllerConfig(**config_values(ControllerConfig, config))
 
-    def build_task() -> CNNSearchTask:
-        data = load_cifar10(data_dir)
-        model_config = SupernetConfig(num_classes=len(data.classes), multiplier=steps,  # every node is concatenated
-                                      **config_values(SupernetConfig, config, RENAMED))
-        search_config = SearchConfig(**config_values(SearchConfig, config))
-        return CNNSearchTask(data, model_config, search_config, resolve_device(device), seed, collapse, controller)
+    def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> CNNSearchTask:
+        data = load_cifar10(config["data_dir"])
+        model_config = SupernetConfig(num_classes=len(data.classes), multiplier=config["steps"],  # every node
+                                      **config_values(SupernetConfig, config, RENAMED))  # is concatenated
+        return CNNSearchTask(data, model_config, SearchConfig(**config_values(SearchConfig, config)),
+                             resolve_device(config["device"]), config["seed"], collapse, controller)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    _, history = run_tracked(_run, config, build_task, RESUMABLE_CHANGES - {"epochs"}, collapse=collapse)
-    return search_result(history, "valid_acc", best=max)
+    return run_search(_run, config, build_task, "valid_acc", best=max, may_change=RESUMABLE_CHANGES - {"epochs"})
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from cnn_darts.train import CNNTrainTask, TrainConfig
 from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.runs import record_training, resolve_genotype
+from experiments.tracking.runs import record_training
 from shared.device import resolve_device
+from shared.genotypes import CNNGenotype
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
@@ -69,19 +70,17 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
-         device: str) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
     config = dict(_config)
-    genotype, source = resolve_genotype(genotype_from, "cnn")
 
-    def build_task() -> CNNTrainTask:
-        data = load_cifar10(data_dir)
+    def build_task(genotype: CNNGenotype) -> CNNTrainTask:
+        data = load_cifar10(config["data_dir"])
         model_config = NetworkConfig(num_classes=len(data.classes), **config_values(NetworkConfig, config, RENAMED))
-        train_config = TrainConfig(**config_values(TrainConfig, config))
-        return CNNTrainTask(data, genotype, model_config, train_config, resolve_device(device), seed)
+        return CNNTrainTask(data, genotype, model_config, TrainConfig(**config_values(TrainConfig, config)),
+                            resolve_device(config["device"]), config["seed"])
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    return record_training(_run, _log, config, build_task, genotype, source, "valid_acc", best=max,
+    return record_training(_run, _log, config, "cnn", build_task, "valid_acc", best=max,
                            may_change=RESUMABLE_CHANGES - {"epochs"})
 
 

@@ -7,14 +7,13 @@
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from experiments.tracking.config import add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.runs import run_tracked, search_result
+from experiments.tracking.recorder import add_written_artifact
+from experiments.tracking.runs import run_search
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
@@ -87,20 +86,17 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], data_dir: str | None, seed: int, device: str) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
     config = dict(_config)
-    collapse = CollapseConfig(**config_values(CollapseConfig, config))  # checked before any data loads
-    controller = ControllerConfig(**config_values(ControllerConfig, config))
 
-    def build_task() -> RNNSearchTask:
-        corpus = load_corpus(data_dir)
-        with tempfile.TemporaryDirectory() as tmp:  # the observer copies artifacts into the run folder
-            _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
+    def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> RNNSearchTask:
+        corpus = load_corpus(config["data_dir"])
+        add_written_artifact(_run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
         model_config = SupernetConfig(ntoken=corpus.ntoken, **config_values(SupernetConfig, config, RENAMED))
-        search_config = SearchConfig(**config_values(SearchConfig, config))
-        return RNNSearchTask(corpus, model_config, search_config, resolve_device(device), seed, collapse, controller)
+        return RNNSearchTask(corpus, model_config, SearchConfig(**config_values(SearchConfig, config)),
+                             resolve_device(config["device"]), config["seed"], collapse, controller)
 
-    return search_result(run_tracked(_run, config, build_task, collapse=collapse)[1], "valid_ppl")
+    return run_search(_run, config, build_task, "valid_ppl")
 
 
 if __name__ == "__main__":

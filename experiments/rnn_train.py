@@ -8,18 +8,18 @@
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from experiments.tracking.config import add_shared_config, config_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.runs import record_training, resolve_genotype
+from experiments.tracking.recorder import add_written_artifact
+from experiments.tracking.runs import record_training
 from rnn_darts.data import load_corpus, save_tokenizer
 from rnn_darts.model import ModelConfig
 from rnn_darts.train import RNNTrainTask, TrainConfig
 from shared.device import resolve_device
+from shared.genotypes import RNNGenotype
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
@@ -81,20 +81,17 @@ def smoke() -> None:
 
 @ex.main
 @user_errors
-def main(_run: Any, _config: dict[str, Any], _log: Any, data_dir: str | None, genotype_from: str, seed: int,
-         device: str) -> dict[str, Any]:
+def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
     config = dict(_config)
-    genotype, source = resolve_genotype(genotype_from, "rnn")
 
-    def build_task() -> RNNTrainTask:
-        corpus = load_corpus(data_dir)
-        with tempfile.TemporaryDirectory() as tmp:  # the observer copies artifacts into the run folder
-            _run.add_artifact(str(save_tokenizer(corpus, Path(tmp) / "tokenizer.json")), name="tokenizer.json")
+    def build_task(genotype: RNNGenotype) -> RNNTrainTask:
+        corpus = load_corpus(config["data_dir"])
+        add_written_artifact(_run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
         model_config = ModelConfig(ntoken=corpus.ntoken, **config_values(ModelConfig, config, RENAMED))
-        train_config = TrainConfig(**config_values(TrainConfig, config))
-        return RNNTrainTask(corpus, genotype, model_config, train_config, resolve_device(device), seed)
+        return RNNTrainTask(corpus, genotype, model_config, TrainConfig(**config_values(TrainConfig, config)),
+                            resolve_device(config["device"]), config["seed"])
 
-    return record_training(_run, _log, config, build_task, genotype, source, "valid_ppl", best=min)
+    return record_training(_run, _log, config, "rnn", build_task, "valid_ppl", best=min)
 
 
 if __name__ == "__main__":

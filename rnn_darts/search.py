@@ -9,7 +9,6 @@ also when it wraps around).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator
 
@@ -25,8 +24,8 @@ from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
-from shared.controller import ControllerConfig, sampler_for
-from shared.sampling import alphas_set, check_strategy
+from shared.controller import ControllerConfig, strategy_for
+from shared.sampling import check_strategy
 
 ARCH_DATA = ("valid", "train")
 REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
@@ -116,7 +115,7 @@ class RNNSearchTask:
         self.engine = Bilevel(self.model, weight_opt, arch_opt,
                               BilevelConfig(order=config.order, grad_clip=config.grad_clip))
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
-        self.sampler = sampler_for(config.strategy, self.model, config.select_cells, seed, controller)
+        self.strategy = strategy_for(config.strategy, self.model, config.select_cells, seed, controller)
 
     # ---- losses --------------------------------------------------------------------------------------------------
     def loss(self, x: Tensor, y: Tensor, hidden: Tensor, regularise: bool, keep: dict[str, Tensor] | None = None
@@ -142,16 +141,13 @@ class RNNSearchTask:
         config = self.config
         scale_learning_rate(self.engine.weight_optimizer, config.learning_rate, x.size(0), config.bptt)
         keep: dict[str, Tensor] = {}
-        if self.sampler is not None:  # random search, REINFORCE: a sampled cell's weights, no architecture step
-            with alphas_set(self.model, self.sampler.next()):
-                self.engine.weight_step(self.loss(x, y, hidden, True, keep))
-            self.sampler.update(lambda: self.reward(xa, ya))
-            return keep["hidden"], arch_hidden, keep["cross_entropy"]
-        arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain: it never runs)
-        self.engine.arch_step(self.loss(x, y, hidden, True), self.loss(xa, ya, arch_hidden, False, arch_keep))
-        arch_hidden = arch_keep["hidden"]
-        self.engine.weight_step(self.loss(x, y, hidden, True, keep))
-        return keep["hidden"], arch_hidden, keep["cross_entropy"]
+        arch_keep = {"hidden": arch_hidden}  # what the architecture loss leaves (plain, sampling: it never runs)
+        self.strategy.arch_step(self.engine, self.loss(x, y, hidden, True),
+                                self.loss(xa, ya, arch_hidden, False, arch_keep))
+        with self.strategy.weight_cell():
+            self.engine.weight_step(self.loss(x, y, hidden, True, keep))
+        self.strategy.update(lambda: self.reward(xa, ya))
+        return keep["hidden"], arch_keep["hidden"], keep["cross_entropy"]
 
     def reward(self, xa: Tensor, ya: Tensor) -> float:
         """REINFORCE's reward for the cell set: REWARD_C / perplexity on the architecture window (ENAS), no dropout,
@@ -170,14 +166,13 @@ class RNNSearchTask:
             progress.add(cross_entropy=cross_entropy * seq_len, tokens=seq_len)
         scale_learning_rate(self.engine.weight_optimizer, self.config.learning_rate, 1, 1)
         sums = progress.close()
-        strategy = {} if self.sampler is None else self.sampler.epoch_metrics()
         return {**perplexity_metrics("train", sums["cross_entropy"] / sums["tokens"]), **self.curvature(epoch),
-                **strategy}
+                **self.strategy.epoch_metrics()}
 
     def curvature(self, epoch: int) -> dict[str, float]:
         """The dominant eigenvalue of the architecture loss's Hessian in the alphas, on a fixed batch (the first
         architecture window from a zero state, training mode as the architecture step), when `epoch` measures."""
-        if not self.collapse.measures(epoch) or self.sampler is not None:  # the sampling strategies train no alphas
+        if not self.collapse.measures(epoch) or not self.strategy.trains_alphas:
             return {}
         self.model.train()
         xa, ya = get_batch(self.arch_data, 0, self.config.bptt)
@@ -211,7 +206,7 @@ class RNNSearchTask:
         def score() -> dict[str, float]:
             return perplexity_metrics("valid", stream_loss(self.model, self.valid_data, self.config.bptt))
 
-        return score() if self.sampler is None else self.sampler.select(score, "valid_loss")
+        return self.strategy.select(score, "valid_loss")
 
     # ---- what the loop records -----------------------------------------------------------------------------------
     def genotype(self) -> RNNGenotype:
@@ -220,7 +215,7 @@ class RNNSearchTask:
 
     def chosen(self) -> ContextManager[None]:
         """The alphas the genotype is read from: the model's own, or a sampling strategy's best cell."""
-        return nullcontext() if self.sampler is None else self.sampler.chosen()
+        return self.strategy.chosen()
 
     def genotype_metrics(self, genotype: RNNGenotype) -> dict[str, float]:
         ops = [op for op, _ in genotype.recurrent]
@@ -235,10 +230,9 @@ class RNNSearchTask:
 
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.windows.get_state(), "vocabulary": self.vocabulary,
-                **({} if self.sampler is None else {"sampler": self.sampler.state_dict()})}
+                "sampler": self.strategy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_vocabulary(state.get("vocabulary"), self.vocabulary)
         self.windows.set_state(state["windows"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state["sampler"])
+        self.strategy.load_state_dict(state.get("sampler", {}))  # DARTS checkpoints before 2026-12-02 hold none

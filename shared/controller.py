@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.errors import ConfigError
-from shared.sampling import Decision, RandomArchitectures, SampledArchitectures, alphas_set
+from shared.sampling import Decision, Differentiable, RandomArchitectures, SampledArchitectures, alphas_set
 
 
 @dataclass(frozen=True)
@@ -153,11 +153,11 @@ class ControllerArchitectures(SampledArchitectures):
         self.baseline, self.steps = state["baseline"], state["steps"]
 
 
-def sampler_for(strategy: str, model: nn.Module, samples: int, seed: int, config: ControllerConfig
-                ) -> SampledArchitectures | None:
-    """The sampling strategy's architectures (None for darts, which differentiates)."""
+def strategy_for(strategy: str, model: nn.Module, samples: int, seed: int, config: ControllerConfig
+                 ) -> Differentiable:
+    """The search strategy `strategy` (shared.sampling.STRATEGIES) over `model`'s decisions."""
     if strategy == "random":
         return RandomArchitectures(model, samples, seed)
     if strategy == "reinforce":
         return ControllerArchitectures(model, samples, seed, config)
-    return None
+    return Differentiable()

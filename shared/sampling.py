@@ -1,5 +1,6 @@
-"""Discrete architectures inside a supernet, for searches that sample instead of differentiating (random search with
-weight sharing, Li & Talwalkar 2019): an architecture is a set of alpha logits that are 0 on the chosen op of each
+"""The search strategies as a search task sees them: DARTS (`Differentiable`), and the searches that sample discrete
+architectures inside the supernet instead of differentiating (random search with weight sharing, Li & Talwalkar
+2019; REINFORCE in shared.controller). A sampled architecture is a set of alpha logits that are 0 on the chosen op of each
 edge and -inf elsewhere, so the supernet's softmax is exactly one-hot and the supernet computes that cell alone
 (edges left out take the 'none' op). Space-specific samplers say which edges and ops a cell may choose."""
 from __future__ import annotations
@@ -76,9 +77,50 @@ def check_strategy(strategy: str, samples: int) -> None:
         raise ConfigError(f"select_cells must be a positive integer, got {samples!r}")
 
 
-class SampledArchitectures:
-    """What the sampling strategies share: the cell a weight step trains (`next`), and after each epoch `samples`
-    cells scored with the shared weights, the best kept as the epoch's genotype (`select`, `chosen`)."""
+class Differentiable:
+    """The search strategy as a search task sees it; this base is DARTS: the engine's architecture step trains the
+    supernet's own alphas, every weight step trains the supernet as it is, and the genotype is read from the alphas.
+    The sampling strategies (`SampledArchitectures`) override each step."""
+
+    trains_alphas = True  # the alphas are trained, so their Hessian means something
+
+    def arch_step(self, engine: Any, train_loss: Callable[..., Tensor], arch_loss: Callable[..., Tensor]) -> None:
+        """Before a weight step: the engine's architecture step (a no-op for order=plain)."""
+        engine.arch_step(train_loss, arch_loss)
+
+    def weight_cell(self) -> ContextManager[None]:
+        """The block runs the weight step with the cell it trains set: the supernet's own alphas."""
+        return nullcontext()
+
+    def update(self, reward: Callable[[], float]) -> dict[str, float] | None:
+        """After a weight step: a learning strategy's own step (`reward` scores the cell set); none here."""
+        return None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """What the strategy itself records per epoch; nothing here."""
+        return {}
+
+    def select(self, score: Callable[[], dict[str, float]], key: str) -> dict[str, float]:
+        """The epoch's validation metrics (`score()`), for the genotype the alphas give."""
+        return score()
+
+    def chosen(self) -> ContextManager[None]:
+        """The block runs with the alphas the genotype is read from set: the supernet's own."""
+        return nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class SampledArchitectures(Differentiable):
+    """What the sampling strategies share: no architecture step; each weight step trains a drawn cell (`next`); after
+    each epoch `samples` cells scored with the shared weights, the best kept as the epoch's genotype (`select`,
+    `chosen`)."""
+
+    trains_alphas = False
 
     def __init__(self, model: nn.Module, samples: int, seed: int) -> None:
         self.model, self.samples = model, samples
@@ -88,13 +130,11 @@ class SampledArchitectures:
     def next(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def update(self, reward: Callable[[], float]) -> dict[str, float] | None:
-        """After a weight step: a learning strategy's own step (`reward` scores the cell set); none here."""
-        return None
+    def arch_step(self, engine: Any, train_loss: Callable[..., Tensor], arch_loss: Callable[..., Tensor]) -> None:
+        pass
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """What the strategy itself records per epoch; nothing here."""
-        return {}
+    def weight_cell(self) -> ContextManager[None]:
+        return alphas_set(self.model, self.next())
 
     def select(self, score: Callable[[], dict[str, float]], key: str) -> dict[str, float]:
         """Score `samples` cells (`score` runs with each one set), keep the one of lowest metric `key`, and return

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sacred.observers import FileStorageObserver
 
@@ -12,12 +12,17 @@ from shared.genotypes import to_dict
 from shared.loop import chosen_genotype
 
 
-def add_json_artifact(run: Any, name: str, data: Any) -> None:
-    """Store `data` as a JSON artifact `name` of the run (written to a temp file first)."""
+def add_written_artifact(run: Any, name: str, write: Callable[[Path], Any]) -> None:
+    """Store the file `write(path)` writes as the run's artifact `name` (the observers copy it from a temp folder)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
-        path.write_text(json.dumps(data, indent=2))
+        write(path)
         run.add_artifact(str(path), name=name)
+
+
+def add_json_artifact(run: Any, name: str, data: Any) -> None:
+    """Store `data` as a JSON artifact `name` of the run."""
+    add_written_artifact(run, name, lambda path: path.write_text(json.dumps(data, indent=2)))
 
 
 def run_folder(run: Any) -> Path:

@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 import torch
 
-from experiments.tracking.config import RESUMABLE_CHANGES, check_resume_config
+from experiments.tracking.config import RESUMABLE_CHANGES, check_resume_config, config_values
 from experiments.tracking.folders import read_json
 from experiments.tracking.recorder import SacredRecorder, add_json_artifact, run_folder
 from shared import checkpoint
-from shared.collapse import EarlyStop
+from shared.collapse import CollapseConfig, EarlyStop
+from shared.controller import ControllerConfig
 from shared.errors import CheckpointError, ConfigError
 from shared.genotypes import GenotypeError, resolve, to_dict
 from shared.loop import chosen_genotype, run_epochs
@@ -93,18 +94,31 @@ def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:
     return genotype, source if source.startswith("published ") else str(Path(source).resolve())
 
 
-def record_training(run: Any, log: Any, config: dict[str, Any], build_task: Callable[[], Any], genotype: Any,
-                    source: str, metric: str, best: Callable[[Any], Any],
-                    may_change: frozenset[str] = RESUMABLE_CHANGES) -> dict[str, Any]:
-    """What a from-scratch training experiment does around its task: record the genotype and where it came from
-    (run info `genotype`, `genotype_source`, artifact `genotype.json`) and the parameter count (`num_parameters`),
-    run the epochs (`run_tracked`), then test (metrics logged at the last epoch) and return the result. A run the
-    time limit stopped is not tested: its resumed run will be."""
+def run_search(run: Any, config: dict[str, Any], build_task: Callable[[CollapseConfig, ControllerConfig], Any],
+               metric: str, best: Callable[[Any], Any] = min, may_change: frozenset[str] = RESUMABLE_CHANGES
+               ) -> dict[str, Any]:
+    """What a search experiment does around its task: the collapse and controller keys checked before any data
+    loads, `build_task(collapse, controller)`, the epochs (`run_tracked`), and the result (`search_result`)."""
+    collapse = CollapseConfig(**config_values(CollapseConfig, config))
+    controller = ControllerConfig(**config_values(ControllerConfig, config))
+    _, history = run_tracked(run, config, lambda: build_task(collapse, controller), may_change, collapse=collapse)
+    return search_result(history, metric, best)
+
+
+def record_training(run: Any, log: Any, config: dict[str, Any], space: str, build_task: Callable[[Any], Any],
+                    metric: str, best: Callable[[Any], Any], may_change: frozenset[str] = RESUMABLE_CHANGES
+                    ) -> dict[str, Any]:
+    """What a from-scratch training experiment does around its task: resolve `genotype_from` in `space`, record the
+    genotype and where it came from (run info `genotype`, `genotype_source`, artifact `genotype.json`) and the
+    parameter count (`num_parameters`), run the epochs of `build_task(genotype)` (`run_tracked`), then test (metrics
+    logged at the last epoch) and return the result. A run the time limit stopped is not tested: its resumed run
+    will be."""
+    genotype, source = resolve_genotype(config["genotype_from"], space)
     run.info.update(genotype=to_dict(genotype), genotype_source=source)
     add_json_artifact(run, "genotype.json", to_dict(genotype))
 
     def build() -> Any:
-        task = build_task()
+        task = build_task(genotype)
         run.info["num_parameters"] = task.num_parameters()
         log.info("genotype from %s; %s parameters", source, f"{task.num_parameters():,}")
         return task
