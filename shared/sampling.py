@@ -1,8 +1,8 @@
 """The search strategies as a search task sees them: DARTS (`Differentiable`), and the searches that sample discrete
 architectures inside the supernet instead of differentiating (random search with weight sharing, Li & Talwalkar
-2019; REINFORCE in shared.controller). A sampled architecture is a set of alpha logits that are 0 on the chosen op of each
-edge and -inf elsewhere, so the supernet's softmax is exactly one-hot and the supernet computes that cell alone
-(edges left out take the 'none' op). Space-specific samplers say which edges and ops a cell may choose."""
+2019; REINFORCE in shared.controller). A sampled architecture is a set of alpha logits that are 0 on the chosen op
+of each edge and -inf elsewhere, so the supernet's softmax is exactly one-hot and the supernet computes that cell
+alone (edges left out take the 'none' op). Space-specific samplers say which edges and ops a cell may choose."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
