@@ -8,6 +8,7 @@ start-up, per-image PIL transforms and a host-to-device copy each step. `batches
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -55,6 +56,13 @@ class ImageData:
     test_labels: torch.Tensor  # (M,) int64
     classes: tuple[str, ...]
     source: str  # where it was read from, e.g. "folder:/data/cifar10/cifar-10-batches-py"
+
+    def fingerprint(self) -> str:
+        """'<N> training images, sha256 <12 hex digits>' of the training images and labels: what decides a split,
+        and what a resumed run must share."""
+        digest = hashlib.sha256(self.train_labels.cpu().numpy().tobytes())
+        digest.update(self.train_images.cpu().numpy().tobytes())
+        return f"{len(self.train_labels)} training images, sha256 {digest.hexdigest()[:12]}"
 
     def to(self, device: torch.device | str) -> ImageData:
         """The same data with all four tensors on `device` (one copy, done once before training)."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and_cells
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
+from shared.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class NetworkConfig:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("C", "layers", "num_classes", "stem_multiplier"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -17,6 +17,7 @@ from torch import Tensor
 from cnn_darts.data import ImageData, batches, split_search
 from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
+from shared.device import check_fits
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
@@ -24,6 +25,7 @@ from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
 from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
+from shared.validation import check_at_least, check_fields
 
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
@@ -46,8 +48,13 @@ class SearchConfig:
     select_cells: int = 10  # random, reinforce: cells scored on the architecture half after each epoch; best kept
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_order(self.order)
         check_strategy(self.strategy, self.select_cells)
+        check_at_least(self, 0, "momentum", "weight_decay", "arch_weight_decay")
+        check_at_least(self, 1, "train_images")
+        if not 0 < self.train_portion < 1:
+            raise ConfigError(f"train_portion must be in (0, 1), got {self.train_portion}")
         for name in ("epochs", "batch_size", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -58,12 +65,15 @@ class SearchConfig:
 class CNNSearchTask(SchedulerGeneratorState):
     """DARTS on the convolutional search space; implements `shared.loop.EpochTask`."""
 
+    kind = "cnn_search"  # the experiment whose checkpoints it writes
+
     skip_metric = "skip_connect_normal"  # what early_stop=skip counts (DARTS+)
 
     def __init__(self, data: ImageData, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
                  seed: int, collapse: CollapseConfig = CollapseConfig(),
                  controller: ControllerConfig = ControllerConfig()) -> None:
         self.config, self.device, self.collapse = config, device, collapse
+        self.data_fingerprint = data.fingerprint()
         n = min(config.train_images or len(data.train_labels), len(data.train_labels))
         weight_index, arch_index = split_search(n, seed, config.train_portion)
         images, labels = data.train_images.to(device), data.train_labels.to(device)  # resident on the device
@@ -72,6 +82,7 @@ class CNNSearchTask(SchedulerGeneratorState):
         if min(len(weight_index), len(arch_index)) < config.batch_size:
             raise ConfigError(f"batch_size={config.batch_size} exceeds a half of the {n} training images; "
                               f"lower batch_size or raise train_images")
+        check_fits(lambda: Supernet(model_config), device, "init_channels, layers or steps")
         self.model = Supernet(model_config).to(device)
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
                                      momentum=config.momentum, weight_decay=config.weight_decay)

@@ -17,6 +17,7 @@ from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
 from shared.sampling import Decision, none_column, one_hot_logits
+from shared.validation import check_fields
 
 ALPHA_NAMES: tuple[str, str] = ("alphas_normal", "alphas_reduce")
 
@@ -29,13 +30,16 @@ class SupernetConfig:
     num_classes: int = 10
     layers: int = 8  # cells; reductions at layers // 3 and 2 * layers // 3
     steps: int = 4  # intermediate nodes per cell
-    multiplier: int = 4  # the last `multiplier` nodes are concatenated into the cell output
+    multiplier: int | None = None  # the last `multiplier` nodes are concatenated into the cell output; None: all
     stem_multiplier: int = 3  # the stem outputs stem_multiplier * C channels
     primitives: tuple[str, ...] = CNN_PRIMITIVES  # candidate ops, in alpha-column order
     # Run on channels-last (NHWC) activations: oneDNN's depthwise convs and pools are 2-5x faster on CPU that way.
     channels_last: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        if self.multiplier is None:
+            object.__setattr__(self, "multiplier", self.steps)
         object.__setattr__(self, "primitives", tuple(self.primitives))
         for name in ("C", "num_classes", "layers", "steps", "multiplier", "stem_multiplier"):
             if getattr(self, name) < 1:

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 from cnn_darts.data import ImageData, batches
 from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.network import NetworkCIFAR, NetworkConfig
+from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, FixedGenotypeTask, SchedulerGeneratorState
+from shared.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TrainConfig:
     test_images: int | None = None  # use only the first N test images (smoke runs)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("epochs", "batch_size", "eval_batch_size", "learning_rate", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
@@ -84,13 +87,17 @@ def split_holdout(data: ImageData, config: TrainConfig, seed: int, device: torch
 class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
     """A derived convolutional network trained from scratch; implements `shared.loop.EpochTask`."""
 
+    kind = "cnn_train"  # the experiment whose checkpoints it writes
+
     def __init__(self, data: ImageData, genotype: CNNGenotype, model_config: NetworkConfig, config: TrainConfig,
                  device: torch.device, seed: int) -> None:
         self.config, self.device, self.fixed_genotype = config, device, genotype
+        self.data_fingerprint = data.fingerprint()
         self.train_data, self.valid_data, self.test_data = split_holdout(data, config, seed, device)
         if len(self.train_data[1]) < config.batch_size:
             raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(self.train_data[1])} training "
                               f"images; lower batch_size or raise train_images")
+        check_fits(lambda: NetworkCIFAR(model_config, genotype), device, "init_channels or layers")
         self.model = NetworkCIFAR(model_config, genotype).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                          weight_decay=config.weight_decay)

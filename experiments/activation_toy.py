@@ -10,6 +10,7 @@ the softmax weight of linear in each layer after every DARTS step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from experiments.tracking.errors import user_errors
@@ -17,7 +18,36 @@ from experiments.tracking.experiment import make_experiment
 from shared.activation_toy import darts, name, reinforce, rewards, toy_data
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
+from shared.validation import check_at_least, check_fields
 
+
+@dataclass(frozen=True)
+class ActivationToyConfig:
+    """The run's keys (their defaults: the config scope), checked before it starts."""
+
+    seed: int
+    samples: int
+    noise: float
+    controller_steps: int
+    controller_samples: int
+    controller_lr: float
+    baseline_decay: float
+    entropy_weight: float
+    orders: tuple[str, ...]
+    darts_steps: int
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.orders or any(order not in ORDERS or order == "plain" for order in self.orders):
+            raise ConfigError(f"orders must be a non-empty list of first, second, exact, got {self.orders!r}")
+        check_at_least(self, 1, "samples", "controller_steps", "controller_samples", "darts_steps")
+        check_at_least(self, 0, "seed", "noise", "entropy_weight")
+        if not 0 <= self.baseline_decay < 1 or self.controller_lr <= 0:
+            raise ConfigError(f"baseline_decay must be in [0, 1) and controller_lr > 0, got "
+                              f"{self.baseline_decay} and {self.controller_lr}")
+
+
+CONFIGS = (ActivationToyConfig,)  # checked by make_experiment's validation before a run starts
 ex = make_experiment("activation_toy", globals())
 
 
@@ -40,15 +70,6 @@ def config() -> None:
 def main(_run: Any, seed: int, samples: int, noise: float, controller_steps: int, controller_samples: int,
          controller_lr: float, baseline_decay: float, entropy_weight: float, orders: list[str], darts_steps: int
          ) -> dict[str, Any]:
-    bad = [order for order in orders if order not in ORDERS or order == "plain"]
-    if bad or not orders:
-        raise ConfigError(f"orders must be a non-empty list of first, second, exact, got {orders!r}")
-    for key, value in (("samples", samples), ("controller_steps", controller_steps),
-                       ("controller_samples", controller_samples), ("darts_steps", darts_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    if not 0 <= baseline_decay < 1 or noise < 0 or controller_lr <= 0 or entropy_weight < 0:
-        raise ConfigError("baseline_decay must be in [0, 1), noise and entropy_weight >= 0, controller_lr > 0")
     data = toy_data(samples, noise, seed)
     reward = rewards(data)
     _run.info["rewards"] = {name(pair): value for pair, value in reward.items()}

@@ -12,7 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
+from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values, run_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import run_search
@@ -22,7 +22,7 @@ from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
+CONFIGS = (RunConfig, SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
 RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_search", globals())
@@ -69,12 +69,11 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
-    config = dict(_config)
+    config = run_values(_config)
 
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> CNNSearchTask:
         data = load_cifar10(config["data_dir"])
-        model_config = SupernetConfig(num_classes=len(data.classes), multiplier=config["steps"],  # every node
-                                      **config_values(SupernetConfig, config, RENAMED))  # is concatenated
+        model_config = SupernetConfig(num_classes=len(data.classes), **config_values(SupernetConfig, config, RENAMED))
         return CNNSearchTask(data, model_config, SearchConfig(**config_values(SearchConfig, config)),
                              resolve_device(config["device"]), config["seed"], collapse, controller)
 

@@ -12,7 +12,7 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, add_shared_config, config_values
+from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values, run_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
 from experiments.tracking.runs import record_training
@@ -21,7 +21,7 @@ from shared.genotypes import CNNGenotype
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (TrainConfig, NetworkConfig)
+CONFIGS = (RunConfig, TrainConfig, NetworkConfig)
 RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_train", globals())
@@ -71,7 +71,7 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
-    config = dict(_config)
+    config = run_values(_config)
 
     def build_task(genotype: CNNGenotype) -> CNNTrainTask:
         data = load_cifar10(config["data_dir"])

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from experiments.tracking.errors import user_errors
@@ -11,9 +12,31 @@ from experiments.tracking.experiment import make_experiment
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
 from shared.toy import fixed_point, solve
+from shared.validation import check_fields
 
 TOY_ORDERS = tuple(order for order in ORDERS if order != "plain")
 
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """The run's keys (their defaults: the config scope), checked before it starts."""
+
+    order: str
+    xi: float
+    steps: int
+    arch_lr: float
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.order not in TOY_ORDERS:  # plain would leave alpha where it starts: the toy compares the orders
+            raise ConfigError(f"order must be one of {', '.join(TOY_ORDERS)}, got {self.order!r}")
+        if not 0 < self.xi < 1:
+            raise ConfigError(f"xi must be in (0, 1) for the alternating steps to converge, got {self.xi}")
+        if self.steps < 1 or self.arch_lr <= 0:
+            raise ConfigError(f"steps must be >= 1 and arch_lr > 0, got steps={self.steps} arch_lr={self.arch_lr}")
+
+
+CONFIGS = (ToyConfig,)  # checked by make_experiment's validation before a run starts
 ex = make_experiment("paper_toy", globals())
 
 
@@ -33,12 +56,6 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, order: str, xi: float, steps: int, arch_lr: float) -> dict[str, float]:
-    if order not in TOY_ORDERS:  # plain would leave alpha where it starts: the toy compares the engine's orders
-        raise ConfigError(f"order must be one of {', '.join(TOY_ORDERS)}, got {order!r}")
-    if not 0 < xi < 1:
-        raise ConfigError(f"xi must be in (0, 1) for the alternating steps to converge, got {xi}")
-    if steps < 1 or arch_lr <= 0:
-        raise ConfigError(f"steps must be >= 1 and arch_lr > 0, got steps={steps} arch_lr={arch_lr}")
     result = solve(order, xi=xi, steps=steps, arch_lr=arch_lr)
     for step, (alpha, w) in enumerate(result.path):
         _run.log_scalar("alpha", alpha, step)

@@ -16,7 +16,6 @@ The old run folder is only read.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 # experiments.tracking first: its package silences sacred 0.8.7's pkg_resources warning before sacred is imported.
-from experiments.tracking.errors import RunError
+from experiments.tracking.errors import OneLineParser, RunError
 from experiments.tracking.experiment import REPO_ROOT, SOURCE_PACKAGES, package_sources, runs_dir
 from experiments.tracking.folders import read_json
 from sacred import Experiment
@@ -328,7 +327,7 @@ def reproduce(folder: Path, runs: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the Sacred run folder to reproduce, e.g. runs/7 (only read)")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="where the new run goes (default: $DARTS_RUNS_DIR, else runs/)")

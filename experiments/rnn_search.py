@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.tracking.config import add_shared_config, config_values
+from experiments.tracking.config import RunConfig, add_shared_config, config_values, run_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.recorder import add_written_artifact
-from experiments.tracking.runs import run_search
-from rnn_darts.data import load_corpus, save_tokenizer
+from experiments.tracking.runs import recorded_corpus, run_search
+from rnn_darts.data import VocabularyConfig
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
 from shared.collapse import CollapseConfig
@@ -23,7 +22,7 @@ from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
+CONFIGS = (RunConfig, VocabularyConfig, SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
 RENAMED = {"ninp": "emsize"}
 
 ex = make_experiment("rnn_search", globals())
@@ -32,6 +31,8 @@ ex = make_experiment("rnn_search", globals())
 @ex.config
 def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
+    vocab_size = None  # keep only the N most frequent training words (others read as <unk>); None: all
+    min_frequency = 1  # keep only training words seen at least this often
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
@@ -87,11 +88,10 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
-    config = dict(_config)
+    config = run_values(_config)
 
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> RNNSearchTask:
-        corpus = load_corpus(config["data_dir"])
-        add_written_artifact(_run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
+        corpus = recorded_corpus(_run, config)
         model_config = SupernetConfig(ntoken=corpus.ntoken, **config_values(SupernetConfig, config, RENAMED))
         return RNNSearchTask(corpus, model_config, SearchConfig(**config_values(SearchConfig, config)),
                              resolve_device(config["device"]), config["seed"], collapse, controller)

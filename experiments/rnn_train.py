@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.tracking.config import add_shared_config, config_values
+from experiments.tracking.config import RunConfig, add_shared_config, config_values, run_values
 from experiments.tracking.errors import user_errors
 from experiments.tracking.experiment import make_experiment
-from experiments.tracking.recorder import add_written_artifact
-from experiments.tracking.runs import record_training
-from rnn_darts.data import load_corpus, save_tokenizer
+from experiments.tracking.runs import record_training, recorded_corpus
+from rnn_darts.data import VocabularyConfig
 from rnn_darts.model import ModelConfig
 from rnn_darts.train import RNNTrainTask, TrainConfig
 from shared.device import resolve_device
@@ -23,7 +22,7 @@ from shared.genotypes import RNNGenotype
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (TrainConfig, ModelConfig)
+CONFIGS = (RunConfig, VocabularyConfig, TrainConfig, ModelConfig)
 RENAMED = {"ninp": "emsize"}
 
 ex = make_experiment("rnn_train", globals())
@@ -32,6 +31,8 @@ ex = make_experiment("rnn_train", globals())
 @ex.config
 def config() -> None:
     data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
+    vocab_size = None  # keep only the N most frequent training words (others read as <unk>); None: all
+    min_frequency = 1  # keep only training words seen at least this often
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 1267  # the original rnn/train.py's; seeds the weights, the dropout masks and the BPTT window lengths
     epochs = 8000  # the original rnn/train.py's default (the paper: "until convergence")
@@ -82,11 +83,10 @@ def smoke() -> None:
 @ex.main
 @user_errors
 def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
-    config = dict(_config)
+    config = run_values(_config)
 
     def build_task(genotype: RNNGenotype) -> RNNTrainTask:
-        corpus = load_corpus(config["data_dir"])
-        add_written_artifact(_run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
+        corpus = recorded_corpus(_run, config)
         model_config = ModelConfig(ntoken=corpus.ntoken, **config_values(ModelConfig, config, RENAMED))
         return RNNTrainTask(corpus, genotype, model_config, TrainConfig(**config_values(TrainConfig, config)),
                             resolve_device(config["device"]), config["seed"])

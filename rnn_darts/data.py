@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from shared.errors import CheckpointError, ConfigError, DataError
 from shared.hub import data_folder, load_hub_dataset, offline_reason, one_line, quiet_progress_bars
+from shared.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,22 @@ HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 _UNBOUNDED_VOCAB = 2**31 - 1  # the corpus decides the vocabulary (10k on PTB), not the trainer
 
 
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """Which training words get an id of their own (as fairseq's and torchtext's caps); every other word, and every
+    word of valid or test that train lacks, is read as <unk>, which joins the vocabulary when the text has none."""
+
+    vocab_size: int | None = None  # keep only the N most frequent training words (besides <eos>, <unk>); None: all
+    min_frequency: int = 1  # keep only training words seen at least this often
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"vocab_size must be a positive number of words or None (all), got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise ConfigError(f"min_frequency must be >= 1, got {self.min_frequency}")
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
 class Corpus:
     """A tokenized corpus: the tokenizer and three 1-D int64 tensors of token ids (each line ends in <eos>)."""
@@ -44,6 +62,7 @@ class Corpus:
     valid: torch.Tensor  # (N_valid,)
     test: torch.Tensor  # (N_test,)
     source: str  # the folder it was read from, or the hub dataset
+    oov: dict[str, float] = field(default_factory=dict)  # per split: the share of its words read as <unk>
 
     @property
     def ntoken(self) -> int:
@@ -56,11 +75,12 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return data_folder(data_dir, "ptb", lambda root: (root / SPLIT_FILES["train"]).is_file())
 
 
-def load_corpus(data_dir: str | Path | None = None) -> Corpus:
+def load_corpus(data_dir: str | Path | None = None, vocabulary: VocabularyConfig = VocabularyConfig()) -> Corpus:
     """Load and tokenize the corpus from a local folder, or from the Hugging Face hub when the folder is absent.
 
-    Raises `DataError` for a missing corpus, a missing or empty split, non-UTF-8 text, or a valid/test word
-    outside the training vocabulary when the vocabulary has no `<unk>`.
+    The vocabulary is the training split's words (`vocabulary` caps them); words outside it are read as <unk>
+    (`Corpus.oov` gives their share per split). Raises `DataError` for a missing corpus, a missing or empty split
+    or non-UTF-8 text.
     """
     start = time.perf_counter()
     folder = resolve_data_dir(data_dir)
@@ -73,9 +93,10 @@ def load_corpus(data_dir: str | Path | None = None) -> Corpus:
     else:
         lines, source = _read_hub(folder), f"hf://datasets/{HUB_ID}"
         names = {s: f"{source} split {h!r}" for s, h in HUB_SPLITS.items()}
-    corpus = _build_corpus(lines, names, source)
-    logger.info("loaded %s in %.1f s: %d word types; train/valid/test %d/%d/%d tokens", source,
-                time.perf_counter() - start, corpus.ntoken, len(corpus.train), len(corpus.valid), len(corpus.test))
+    corpus = _build_corpus(lines, names, source, vocabulary)
+    logger.info("loaded %s in %.1f s: %d word types; train/valid/test %d/%d/%d tokens; out of vocabulary (read as "
+                "%s): %s", source, time.perf_counter() - start, corpus.ntoken, len(corpus.train), len(corpus.valid),
+                len(corpus.test), UNK, ", ".join(f"{split} {rate:.2%}" for split, rate in corpus.oov.items()))
     return corpus
 
 
@@ -144,7 +165,7 @@ def batchify(data: torch.Tensor, batch_size: int, device: torch.device | None = 
         raise ValueError(f"batchify expects a 1-D token tensor, got shape {tuple(data.shape)}")
     if batch_size < 1 or 2 * batch_size > data.numel():  # two rows: one input token and its target per column
         raise ConfigError(f"batch_size={batch_size} does not fit a stream of {data.numel()} tokens (each column "
-                          f"needs two); use a batch size between 1 and {data.numel() // 2} or more tokens")
+                          f"needs two): use a batch size of at most {data.numel() // 2}, or more tokens")
     rows = data.numel() // batch_size
     # (B*T,) -> (B, T): row b is the b-th stretch of text; transpose so time runs down the columns.
     batched = data[: rows * batch_size].view(batch_size, rows).t().contiguous()  # (T, B)
@@ -259,55 +280,62 @@ def _read_hub(folder: Path) -> dict[str, list[str]]:
                         f"{one_line(error)})") from error
 
 
-def _build_corpus(lines: dict[str, list[str]], names: dict[str, str], source: str) -> Corpus:
+def _build_corpus(lines: dict[str, list[str]], names: dict[str, str], source: str,
+                  vocabulary: VocabularyConfig = VocabularyConfig()) -> Corpus:
     """Train the vocabulary on the training lines and encode the three splits."""
     for split, split_lines in lines.items():
         if not any(line.strip() for line in split_lines):
             raise _empty_split(split, names[split])
-    tokenizer = _train_tokenizer(lines["train"])
+    counts = {split: Counter(word for line in split_lines for word in line.split())
+              for split, split_lines in lines.items()}
+    tokenizer = _train_tokenizer(lines["train"], vocabulary)
+    vocab = tokenizer.get_vocab()
+    if UNK not in vocab and any(word not in vocab for split_counts in counts.values() for word in split_counts):
+        tokenizer = _with_tokens(tokenizer, {**vocab, UNK: len(vocab)})  # the text has none: a new last id
+    vocab = tokenizer.get_vocab()
+    oov = {split: sum(n for word, n in split_counts.items() if word not in vocab) / max(1, sum(split_counts.values()))
+           for split, split_counts in counts.items()}
     ids = {split: _encode(tokenizer, split_lines, split, names[split]) for split, split_lines in lines.items()}
-    return Corpus(tokenizer=tokenizer, source=source, **ids)
+    return Corpus(tokenizer=tokenizer, source=source, oov=oov, **ids)
 
 
-def _train_tokenizer(train_lines: Sequence[str]) -> Tokenizer:
-    """A WordLevel tokenizer over whitespace-split words of the training lines that appends <eos> to each line."""
-    # unk_token names <unk> either way; lookups only fall back to it when the training text contains <unk>.
+def _train_tokenizer(train_lines: Sequence[str], vocabulary: VocabularyConfig = VocabularyConfig()) -> Tokenizer:
+    """A WordLevel tokenizer over whitespace-split words of the training lines that appends <eos> to each line;
+    ids follow the training frequencies (<eos> first), as many words as `vocabulary` keeps."""
+    # unk_token names <unk> either way; lookups fall back to it once it is in the vocabulary.
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordLevelTrainer(vocab_size=_UNBOUNDED_VOCAB, min_frequency=0, special_tokens=[EOS],
-                                        show_progress=False)
+    size = _UNBOUNDED_VOCAB if vocabulary.vocab_size is None else vocabulary.vocab_size + 1  # + <eos>
+    trainer = trainers.WordLevelTrainer(vocab_size=size, min_frequency=vocabulary.min_frequency,
+                                        special_tokens=[EOS], show_progress=False)
     tokenizer.train_from_iterator(train_lines, trainer)
+    _append_eos(tokenizer)
+    return tokenizer
+
+
+def _with_tokens(tokenizer: Tokenizer, vocab: dict[str, int]) -> Tokenizer:
+    """`tokenizer` with the vocabulary `vocab` (word -> id)."""
+    rebuilt = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    rebuilt.pre_tokenizer = tokenizer.pre_tokenizer
+    _append_eos(rebuilt)
+    return rebuilt
+
+
+def _append_eos(tokenizer: Tokenizer) -> None:
     # The post-processor, not the caller, appends <eos>, so the saved tokenizer reproduces the corpus ids.
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))])
-    return tokenizer
 
 
 def _encode(tokenizer: Tokenizer, lines: Sequence[str], split: str, name: str) -> torch.Tensor:
     """Token ids of all lines of one split, concatenated: (N,) int64."""
     try:
         encodings = tokenizer.encode_batch(lines)
-    except Exception as exc:  # WordLevel raises a bare Exception for an unknown word when <unk> is absent
-        unknown = _first_unknown(tokenizer, lines)
-        if unknown is None:
-            raise DataError(f"could not tokenize the {split} split ({name}): {one_line(exc)}") from exc
-        word, line_no = unknown
-        raise DataError(f"the {split} split ({name}, line {line_no}) has the word {word!r}, which is not in the "
-                        f"training vocabulary and the vocabulary has no {UNK}; add {UNK} to the training text "
-                        f"or replace out-of-vocabulary words with {UNK}") from exc
+    except Exception as exc:  # tokenizers raises bare Exceptions
+        raise DataError(f"could not tokenize the {split} split ({name}): {one_line(exc)}") from exc
     total = sum(len(e.ids) for e in encodings)
     flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
     return torch.from_numpy(flat)
-
-
-def _first_unknown(tokenizer: Tokenizer, lines: Sequence[str]) -> tuple[str, int] | None:
-    """The first word (and its 1-based line number) that is not in the vocabulary, if any."""
-    vocab = tokenizer.get_vocab()
-    for line_no, line in enumerate(lines, start=1):
-        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(line):
-            if word not in vocab:
-                return word, line_no
-    return None
 
 
 def _raise_if_not_utf8(paths: Iterable[Path]) -> None:

@@ -27,7 +27,7 @@ from shared.genotypes import RNNGenotype
 class ModelConfig:
     """Sizes and dropouts of the evaluation network; the defaults are the paper's PTB training (appendix A.2)."""
 
-    ntoken: int  # vocabulary size (10,000 on PTB)
+    ntoken: int = 10_000  # vocabulary size (PTB's); the experiments take it from the corpus
     ninp: int = 850  # embedding size; tied to the decoder, so it equals nhid
     nhid: int = 850
     dropout: float = 0.75  # locked dropout on the cell outputs

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from rnn_darts.dropout import dropout_mask, embedding_dropout, locked_dropout
 from shared.errors import ConfigError
+from shared.validation import check_fields
 
 DROPOUTS = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute")
 
@@ -22,6 +23,7 @@ DROPOUTS = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute")
 def check_config(config: Any, positive_ints: tuple[str, ...], tied: tuple[str, ...]) -> None:
     """One-line ConfigErrors for a network config: positive integer sizes, the `tied` sizes equal (the embedding is
     the decoder), dropouts in [0, 1), a positive init_range and input_init_range (or None)."""
+    check_fields(config)
     for name in positive_ints:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -19,6 +19,7 @@ from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, ge
                             vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
+from shared.device import check_fits
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
@@ -26,6 +27,7 @@ from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
 from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
+from shared.validation import check_at_least, check_fields
 
 ARCH_DATA = ("valid", "train")
 REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
@@ -52,8 +54,10 @@ class SearchConfig:
     select_cells: int = 10  # random, reinforce: cells scored on the valid data after each epoch; the best is kept
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_order(self.order)
         check_strategy(self.strategy, self.select_cells)
+        check_at_least(self, 0, "weight_decay", "arch_weight_decay", "beta")
         if self.arch_data not in ARCH_DATA:
             raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
         if not 0 < self.arch_fraction < 1:
@@ -90,6 +94,8 @@ def log_unigram(tokens: Tensor, ntoken: int) -> Tensor:
 class RNNSearchTask:
     """DARTS on the recurrent search space; implements `shared.loop.EpochTask`."""
 
+    kind = "rnn_search"  # the experiment whose checkpoints it writes
+
     skip_metric = "identity_ops"  # what early_stop=skip counts
 
     def __init__(self, corpus: Corpus, model_config: SupernetConfig, config: SearchConfig, device: torch.device,
@@ -101,6 +107,7 @@ class RNNSearchTask:
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
         self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval)
+        check_fits(lambda: RNNSupernet(model_config), device, "emsize, nhid or steps")
         self.model = RNNSupernet(model_config).to(device)
         if config.decoder_bias == "unigram":
             # With arch_data=valid, all of train (train_tokens caps the steps, not what the bias may know); with

@@ -32,7 +32,7 @@ ARCH_PARAMETER_NAMES = ("alphas",)
 class SupernetConfig:
     """Sizes, dropouts and search space of the recurrent supernet; the defaults are the paper's PTB search."""
 
-    ntoken: int  # vocabulary size (10,000 on PTB)
+    ntoken: int = 10_000  # vocabulary size (PTB's); the experiments take it from the corpus
     ninp: int = 300  # embedding size; tied to the decoder, so it must equal nhid
     nhid: int = 300  # cell state size
     dropout: float = 0.75  # locked dropout on the cell outputs, before the decoder

@@ -23,9 +23,11 @@ from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, ge
                             vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
+from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress, FixedGenotypeTask
+from shared.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TrainConfig:
     eval_tokens: int | None = None  # validate on the first N valid tokens (None: all)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "learning_rate", "grad_clip",
                      "nonmono"):
             value = getattr(self, name)
@@ -93,6 +96,8 @@ def swapped_weights(params: list[nn.Parameter], values: list[Tensor]) -> Iterato
 class RNNTrainTask(FixedGenotypeTask):
     """A derived recurrent network trained from scratch; implements `shared.loop.EpochTask`."""
 
+    kind = "rnn_train"  # the experiment whose checkpoints it writes
+
     def __init__(self, corpus: Corpus, genotype: RNNGenotype, model_config: ModelConfig, config: TrainConfig,
                  device: torch.device, seed: int) -> None:
         self.config, self.device, self.fixed_genotype = config, device, genotype
@@ -102,6 +107,7 @@ class RNNTrainTask(FixedGenotypeTask):
         self.train_data = batchify(train, config.batch_size, device)  # (T, B)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T', B_eval)
         self.test_data = batchify(corpus.test, config.test_batch_size, device)  # (T'', B_test)
+        check_fits(lambda: RNNModel(model_config, genotype), device, "emsize or nhid")
         self.model = RNNModel(model_config, genotype).to(device)
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)

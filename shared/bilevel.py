@@ -35,6 +35,7 @@ from torch.func import functional_call
 from shared.collapse import Eigen, top_eigenvalue
 from shared.errors import ConfigError
 from shared.virtual_step import check_differentiable, unrolled_step
+from shared.validation import check_fields
 
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], Tensor]
@@ -55,6 +56,7 @@ class BilevelConfig:
     fd_radius: float = 0.01  # r in eps = r / ||u|| (paper eq. 7: r / ||v|| for plain SGD)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_order(self.order)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")

@@ -16,20 +16,49 @@ VERSION = 1
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file."""
+    """Write `state` to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file. A
+    failed write (a full disk) is one CheckpointError; the previous checkpoint stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save({"version": VERSION, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if path.is_file() else "no earlier checkpoint exists"
+        raise CheckpointError(f"writing checkpoint {path} failed ({error.strerror or error}); {kept}: free space "
+                              f"on that disk, or set DARTS_RUNS_DIR to another, and resume") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files of `save` beside `path` whose writing process no longer exists (a write killed
+    midway); a live writer's file is left alone. Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -39,17 +68,34 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         path = path / "checkpoint.pt"  # a run folder: its checkpoint
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass resume=<run folder or checkpoint.pt>")
+    remove_stale_temporaries(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({reason}); "
-                              f"resume from another checkpoint or start a new run") from None
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint this toolkit wrote, or is damaged "
+                              f"({_reason(error)}); resume from another checkpoint or start a new run") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} has format version {found!r}, this code reads version {VERSION}: "
                               f"resume it with the code that wrote it")
     return state
+
+
+def _reason(error: BaseException) -> str:
+    """Why torch could not read a file, without torch's advice to load it unsafely (weights_only=False)."""
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects beyond tensors and plain data, which this toolkit never writes"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return first.rstrip(".") or type(error).__name__
+
+
+def check_kind(state: dict[str, Any], path: str | Path, kind: str) -> None:
+    """One line unless the checkpoint was written by experiment `kind` (checkpoints before the kind was recorded
+    pass: their config is compared next)."""
+    saved = state.get("kind")
+    if saved is not None and saved != kind:
+        raise CheckpointError(f"resume: {path} is a {saved} checkpoint, not a {kind} one: resume it with "
+                              f"python -m experiments.{saved}, or pass a {kind} run folder")
 
 
 def rng_state() -> dict[str, Any]:

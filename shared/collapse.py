@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from shared.errors import ConfigError
+from shared.validation import check_fields
 
 EARLY_STOP_RULES = ("off", "robust", "skip")
 EIGENVALUE = "hessian_eigenvalue"  # the metric the robust rule reads
@@ -42,6 +43,7 @@ class CollapseConfig:
     # cell; RNN: identity)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.early_stop not in EARLY_STOP_RULES:
             raise ConfigError(f"early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {self.early_stop!r}")
         for name, low in (("hessian_every", 0), ("hessian_iterations", 1), ("early_stop_start", 0),

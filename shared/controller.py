@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from shared.errors import ConfigError
 from shared.sampling import Decision, Differentiable, RandomArchitectures, SampledArchitectures, alphas_set
+from shared.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ControllerConfig:
     baseline_decay: float = 0.95  # the reward's exponential moving average, subtracted as baseline
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("controller_hidden", "controller_every", "controller_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,7 +1,10 @@
 """Resolve the compute device once; everything else receives a `torch.device`."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch import nn
 
 from shared.errors import ConfigError
 
@@ -15,3 +18,32 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
         return torch.device(name)
     raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate: CUDA's free memory, on the CPU the kernel's MemAvailable; None when
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(build: Callable[[], nn.Module], device: torch.device, sizes: str, copies: int = 4) -> None:
+    """One line unless `copies` times the parameters of the model `build()` makes (weights, gradients, optimizer
+    state) fit the device's free memory. The model is built on the meta device, which allocates nothing, so a
+    size typo fails here instead of in a hundred-gigabyte allocation; `sizes` names the keys that set its size."""
+    with torch.device("meta"):
+        model = build()
+    count = sum(p.numel() for p in model.parameters())
+    need = copies * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"the model has {count:,} parameters, about {need / 2**30:.1f} GiB with gradients and "
+                          f"optimizer state, more than the {free / 2**30:.1f} GiB free on {device}: lower {sizes}")

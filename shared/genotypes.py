@@ -6,6 +6,7 @@ validation that names the bad field. Published cells are looked up by name in `G
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -30,10 +31,21 @@ class GenotypeError(UserFacingError, ValueError):
 
 def _edges(value: Any, field: str) -> tuple[Edge, ...]:
     try:
-        edges = tuple((str(op), int(index)) for op, index in value)
+        pairs = [(op, index) for op, index in value]
     except (TypeError, ValueError):
         raise GenotypeError(f"{field} must be a list of [op, input_index] pairs, got {value!r}") from None
-    return edges
+    for i, (op, index) in enumerate(pairs):
+        if not isinstance(op, str):
+            raise GenotypeError(f"{field}[{i}]: the op must be a name (a string), got {op!r}")
+        _index(index, f"{field}[{i}]")
+    return tuple((op, int(index)) for op, index in pairs)
+
+
+def _index(value: Any, field: str) -> int:
+    """A node index as written: an integer (0.9, true or "1" are refused, not rounded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GenotypeError(f"{field}: a node index must be an integer, got {value!r}")
+    return int(value)
 
 
 def _check_ops(edges: tuple[Edge, ...], field: str, allowed: tuple[str, ...]) -> None:
@@ -60,7 +72,7 @@ class RNNGenotype:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recurrent", _edges(self.recurrent, "recurrent"))
-        object.__setattr__(self, "concat", tuple(int(c) for c in self.concat))
+        object.__setattr__(self, "concat", tuple(_index(c, "concat") for c in self.concat))
         if not self.recurrent:
             raise GenotypeError("recurrent is empty: a cell needs at least one node")
         _check_ops(self.recurrent, "recurrent", RNN_PRIMITIVES)
@@ -89,7 +101,7 @@ class CNNGenotype:
     def __post_init__(self) -> None:
         for cell in ("normal", "reduce"):
             edges = _edges(getattr(self, cell), cell)
-            concat = tuple(int(c) for c in getattr(self, f"{cell}_concat"))
+            concat = tuple(_index(c, f"{cell}_concat") for c in getattr(self, f"{cell}_concat"))
             object.__setattr__(self, cell, edges)
             object.__setattr__(self, f"{cell}_concat", concat)
             if not edges or len(edges) % 2:
@@ -149,6 +161,8 @@ def load(path: str | Path) -> Genotype:
         return from_json(Path(path).read_text())
     except OSError as error:
         raise GenotypeError(f"cannot read genotype file {path}: {error.strerror}") from None
+    except GenotypeError as error:
+        raise GenotypeError(f"genotype file {path}: {error}") from None
 
 
 GENOTYPES: Registry[Genotype] = Registry("genotype")

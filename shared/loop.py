@@ -39,6 +39,7 @@ class EpochTask(Protocol):
     no alphas and no genotype metrics (empty dicts)."""
 
     model: nn.Module
+    kind: str  # the experiment whose checkpoints it writes (rnn_search, ...): checked first on resume
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...  # checkpointed under these names
 
@@ -79,15 +80,23 @@ class FixedGenotypeTask:
 
 class SchedulerGeneratorState:
     """`state_dict` / `load_state_dict` of a task whose own checkpointed state is its learning-rate scheduler
-    (`self.scheduler`) and its data generator (`self.generator`: shuffling, augmentation)."""
+    (`self.scheduler`) and its data generator (`self.generator`: shuffling, augmentation), with a fingerprint of
+    its data (`self.data_fingerprint`) that a resume must match."""
 
     scheduler: Any
     generator: torch.Generator
+    data_fingerprint: str
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
+        return {"scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "data": self.data_fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("data")  # None: a checkpoint from before the check
+        if saved is not None and saved != self.data_fingerprint:
+            raise checkpoint.CheckpointError(
+                f"resume: the checkpoint's training data ({saved}) is not this data ({self.data_fingerprint}): the "
+                f"split would put other images in each half; resume with the data_dir the run used")
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
 
@@ -184,6 +193,7 @@ def capture(task: EpochTask, epoch: int, history: list[EpochRecord], config: dic
         "history": [record.to_dict() for record in history],
         "genotype": to_dict(task.genotype()),
         "config": config,
+        "kind": task.kind,  # which experiment's task: checked first on resume
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from experiments.report.cells import cell_svg, genotype_cells
 from experiments.report.doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
 from experiments.report.plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
 from experiments.report.runs import Run, assign_labels, discover, load_run
+from experiments.tracking.errors import OneLineParser
 from experiments.report.tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
 from shared.genotypes import to_dict
 
@@ -212,7 +214,7 @@ def build_report(paths: list[Path], out: Path, now: datetime | None = None,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUNS",
                         help="Sacred run folders, or folders holding numbered run folders")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
@@ -229,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if missing:
             raise ReportError(f"{missing[0]} does not exist: RUNS are run folders or folders of run folders")
+        if not 0 < args.stale_after < math.inf:
+            raise ReportError(f"--stale-after must be a positive number of seconds, got {args.stale_after}")
         report = build_report(args.runs, args.out, stale_after=args.stale_after)
     except ReportError as error:
         print(f"report: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        print(f"report: error: cannot write the report to {args.out}: {error}", file=sys.stderr)
-        return 1
+    except OSError as error:  # --out under a file, read-only, full
+        print(f"report: error: cannot write the report to {args.out} ({error.strerror or error}): pass another "
+              f"--out", file=sys.stderr)
+        return 2
     print(f"wrote {report.markdown} and {report.html} ({len(report.runs)} runs)")
     return 0

@@ -1,9 +1,14 @@
 """The config every experiment shares, and the bridge from a run's config to the dataclasses it fills."""
 from __future__ import annotations
 
+import difflib
+import math
+from dataclasses import dataclass
 from typing import Any
 
+from shared.device import resolve_device
 from shared.errors import ConfigError
+from shared.validation import check_fields
 
 
 # Config scopes the experiments add to their own (`ex.config(...)`, after their own so that its comments win).
@@ -13,6 +18,68 @@ def common_config() -> None:  # the keys every search and training shares, with 
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from in a new run (README: which keys may change)
     time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The keys every search and training reads itself (their defaults and comments are in the config scopes:
+    `common_config` and each experiment's own), checked like the dataclasses an experiment fills."""
+
+    seed: int
+    epochs: int
+    device: str
+    threads: int
+    resume: str | None
+    time_limit: float | None
+    data_dir: str | None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be a positive integer, got {self.epochs}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (torch's default) or a positive integer, got {self.threads}")
+        # An empty value (a batch script's unset variable) must fail, not start the run again from zero.
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError(f"resume must be a run folder or checkpoint.pt, got {self.resume!r}: pass one to "
+                              f"continue, or leave resume out (None) for a fresh run")
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
+            raise ConfigError(f"time_limit must be a positive number of minutes or None, got {self.time_limit!r}")
+        resolve_device(self.device)  # an unknown or absent device
+
+
+# Keys that name files or folders: Sacred reads `data_dir=123` (a folder named like a number) as an int.
+PATH_KEYS = ("data_dir", "resume", "genotype_from")
+
+
+def scope_keys(ex: Any) -> set[str]:
+    """Every key the experiment's config scopes define (Sacred adds `seed` where none does)."""
+    config: dict[str, Any] = {}
+    for scope in ex.configurations:
+        config.update(scope(preset=config))
+    return set(config) | {"seed"}
+
+
+def run_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as the experiment reads it: the path keys given as numbers (`data_dir=123`) as strings."""
+    return {**config, **{key: str(config[key]) for key in PATH_KEYS
+                         if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}}
+
+
+def check_config(config: dict[str, Any], known: set[str], configs: tuple[Any, ...], renamed: dict[str, str]
+                 ) -> None:
+    """Validate a run's config before anything runs: no unknown key, and every dataclass in `configs` accepts its
+    values (types, ranges, relations)."""
+    values = run_values(config)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {unknown[0]!r}{hint}; the keys are: {', '.join(sorted(known))}")
+    for cls in configs:
+        cls(**config_values(cls, values, renamed))
 
 
 def paper() -> None:  # a named config: the paper's configuration is every experiment's default (tests check it)

@@ -1,6 +1,7 @@
 """A problem with the user's input, raised anywhere in the library, ends a run as one line and a FAILED record."""
 from __future__ import annotations
 
+import argparse
 import functools
 from typing import Any, Callable
 
@@ -28,3 +29,10 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             raise RunError(str(error)) from None
 
     return wrapper
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (argparse prints the usage first) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the arguments)\n")

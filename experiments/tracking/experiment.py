@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,10 @@ from sacred import Experiment
 from sacred.dependencies import Source, get_dependencies_from_sys_modules
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
+
+from experiments.tracking.config import check_config, scope_keys
+from experiments.tracking.errors import RunError
+from shared.errors import ConfigError
 
 
 def runs_dir() -> Path:
@@ -63,7 +68,39 @@ def make_experiment(name: str, module_globals: dict[str, Any]) -> Experiment:
 
         ex.observers.append(MongoObserver(url=mongo_url, db_name=os.environ.get("DARTS_MONGO_DB", "darts")))
     ex.captured_out_filter = apply_backspaces_and_linefeeds
+    add_validation(ex, tuple(module_globals.get("CONFIGS", ())), module_globals.get("RENAMED", {}))
     return ex
+
+
+def check_runs_folder(folder: Path) -> None:
+    """One line unless the runs folder can be created and written (before a run starts, not after its work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"runs folder {folder} is not writable ({error.strerror or error}): set DARTS_RUNS_DIR "
+                          f"to a folder this user can write") from None
+
+
+def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str]) -> None:
+    """Check the whole config (`check_config`) once Sacred has built it, before any run starts: a bad value fails
+    as one line and leaves no run folder behind."""
+    known: set[str] = set()
+
+    def validate(config: dict[str, Any], command_name: str, logger: Any) -> dict[str, Any]:
+        known.update(known or scope_keys(ex))
+        try:
+            check_config(config, known, configs, renamed)
+            if not command_name.startswith("print_"):  # a command that records a run
+                for observer in ex.observers:
+                    if isinstance(observer, FileStorageObserver):
+                        check_runs_folder(Path(observer.basedir))
+        except ConfigError as error:
+            raise RunError(str(error)) from None
+        return {}  # Sacred lets the command line's values win over a hook's: run_values converts paths
+
+    ex.config_hook(validate)
 
 
 def git_state() -> dict[str, Any]:

@@ -1,17 +1,16 @@
 """What every search and training experiment does around its task: threads, seed, resume, the epoch loop, results."""
 from __future__ import annotations
 
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from experiments.tracking.config import RESUMABLE_CHANGES, check_resume_config, config_values
+from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, check_resume_config, config_values
 from experiments.tracking.folders import read_json
-from experiments.tracking.recorder import SacredRecorder, add_json_artifact, run_folder
+from experiments.tracking.recorder import SacredRecorder, add_json_artifact, add_written_artifact, run_folder
+from rnn_darts.data import Corpus, VocabularyConfig, load_corpus, save_tokenizer
 from shared import checkpoint
 from shared.collapse import CollapseConfig, EarlyStop
 from shared.controller import ControllerConfig
@@ -31,25 +30,14 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     search's CollapseConfig) sets its early-stopping rule, which counts the task's `skip_metric`. Returns the task
     and the epoch records."""
     started = time.monotonic()  # the time limit counts data loading too
-    limit = config.get("time_limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
-                              or not math.isfinite(limit)):
-        raise ConfigError(f"time_limit must be a positive number of minutes or None, got {limit!r}")
-    if isinstance(config["epochs"], bool) or not isinstance(config["epochs"], int) or config["epochs"] < 1:
-        raise ConfigError(f"epochs must be a positive integer, got {config['epochs']!r}")
-    threads = config.get("threads", 0)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ConfigError(f"threads must be 0 (torch's default) or a positive integer, got {threads!r}")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(config["seed"])
-    resume = config.get("resume")
-    # An empty value (a batch script's unset variable) must fail, not start the run again from zero.
-    if resume is not None and (not isinstance(resume, (str, os.PathLike)) or not str(resume).strip()):
-        raise ConfigError(f"resume must be a run folder or checkpoint.pt, got {resume!r}: pass one to continue, "
-                          f"or leave resume out (None) for a fresh run")
+    settings = RunConfig(**config_values(RunConfig, config))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    limit, resume = settings.time_limit, settings.resume
     resume_state = checkpoint.load(resume) if resume is not None else None
     if resume_state is not None:
+        checkpoint.check_kind(resume_state, resume, run.experiment_info["name"])
         check_resume_config(resume_state["config"], config, may_change)
         if genotype is not None and resume_state["genotype"] != to_dict(genotype):
             raise CheckpointError(f"resume: the checkpoint trained the cell {resume_state['genotype']}, but "
@@ -75,6 +63,15 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}
     return task, history
+
+
+def recorded_corpus(run: Any, config: dict[str, Any]) -> Corpus:
+    """The RNN experiments' corpus (`data_dir`, the vocabulary keys), its tokenizer saved as the artifact
+    `tokenizer.json` and its out-of-vocabulary shares as run info `oov_rate`."""
+    corpus = load_corpus(config["data_dir"], VocabularyConfig(**config_values(VocabularyConfig, config)))
+    add_written_artifact(run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
+    run.info["oov_rate"] = corpus.oov
+    return corpus
 
 
 def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:

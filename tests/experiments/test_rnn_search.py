@@ -100,7 +100,7 @@ def test_a_malformed_corpus_file_is_one_line_naming_the_file(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("args, message", [
     (("order=third",), "order must be one of plain, first, second, exact, got 'third'"),
-    (("time_limit=abc",), "time_limit must be a positive number of minutes or None, got 'abc'"),
+    (("time_limit=abc",), "time_limit must be a finite number or None, got 'abc'"),
     (("epochs=0",), "epochs must be a positive integer, got 0"),
     (("input_init_range=-1.0",), "input_init_range must be a positive number, got -1.0"),
 ])

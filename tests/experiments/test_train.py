@@ -158,7 +158,7 @@ def test_a_resume_must_train_the_checkpoints_genotype(space: Space, tmp_path: Pa
 
 @SPACES
 def test_a_failed_search_run_folder_is_refused_in_one_line(space: Space, tmp_path: Path) -> None:
-    search = space.tiny_search(tmp_path, "epochs=0", runs=tmp_path / "searches")  # fails: epochs must be positive
+    search = space.tiny_search(tmp_path, f"data_dir={tmp_path / 'missing'}", runs=tmp_path / "searches")  # fails
     assert search.run_json()["status"] == "FAILED"
     result = space.train(tmp_path, f"genotype_from={search.run_dir()}")
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import collections
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from rnn_darts import data
 from rnn_darts.data import (
+    VocabularyConfig,
     EOS,
     UNK,
     batchify,
@@ -88,10 +90,39 @@ def test_vocabulary_comes_from_train_only(tmp_path: Path) -> None:
     assert corpus.test.tolist() == [unk, vocab["b"], eos]
 
 
-def test_unknown_word_without_unk_names_word_and_split(tmp_path: Path) -> None:
-    folder = write_corpus(tmp_path, train="a b\nb a\n", valid="a b\n", test="a b\nb zebra a\n")
-    with pytest.raises(DataError, match=r"test split.*line 2.*'zebra'.*<unk>"):
-        load_corpus(folder)
+def test_words_train_lacks_become_an_appended_unk_and_their_share_is_counted(tmp_path: Path) -> None:
+    folder = write_corpus(tmp_path, train="a b b\nb a\n", valid="a zebra\n", test="a b\nb yak gnu a\n")
+    corpus = load_corpus(folder)
+    vocab = corpus.tokenizer.get_vocab()
+    assert vocab == {EOS: 0, "b": 1, "a": 2, UNK: 3}  # the training ids as before, <unk> last
+    assert corpus.valid.tolist() == [2, 3, 0]
+    assert corpus.test.tolist() == [2, 1, 0, 1, 3, 3, 2, 0]
+    assert corpus.oov == {"train": 0.0, "valid": 1 / 2, "test": 2 / 6}  # words, not <eos>
+
+
+def test_a_corpus_every_word_of_which_train_has_gets_no_unk(small: tuple[Path, dict[str, str]],
+                                                            tmp_path: Path) -> None:
+    folder = write_corpus(tmp_path, train="a b\nb a\n", valid="a b\n", test="b\n")
+    corpus = load_corpus(folder)
+    assert UNK not in corpus.tokenizer.get_vocab() and set(corpus.oov.values()) == {0.0}
+
+
+def test_vocab_size_and_min_frequency_cap_the_training_words(tmp_path: Path) -> None:
+    folder = write_corpus(tmp_path, train="a a a a b b b c c d\n", valid="a d e\n", test="c\n")
+    capped = load_corpus(folder, VocabularyConfig(vocab_size=2))
+    assert capped.tokenizer.get_vocab() == {EOS: 0, "a": 1, "b": 2, UNK: 3}
+    assert capped.oov == {"train": 3 / 10, "valid": 2 / 3, "test": 1.0}
+    frequent = load_corpus(folder, VocabularyConfig(min_frequency=2))
+    assert set(frequent.tokenizer.get_vocab()) == {EOS, "a", "b", "c", UNK}
+    assert frequent.valid.tolist() == [frequent.tokenizer.token_to_id(t) for t in ("a", UNK, UNK, EOS)]
+
+
+@pytest.mark.parametrize(("values", "message"), [({"vocab_size": 0}, "vocab_size must be a positive number"),
+                                                 ({"min_frequency": 0}, "min_frequency must be >= 1"),
+                                                 ({"vocab_size": 2.5}, "vocab_size must be an integer or None")])
+def test_bad_vocabulary_caps_are_one_line(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        VocabularyConfig(**values)
 
 
 def test_tokenizer_round_trips_through_json(small: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
@@ -337,6 +368,9 @@ def test_real_ptb_vocabulary_and_counts(real_corpus: data.Corpus) -> None:
     assert real_corpus.ntoken == 10000
     assert (len(real_corpus.train), len(real_corpus.valid), len(real_corpus.test)) == (929_589, 73_760, 82_430)
     assert {UNK, EOS} <= set(real_corpus.tokenizer.get_vocab())
+    # PTB has its own <unk>: its words and ids are those of every earlier version, and nothing is out of vocabulary.
+    assert data.vocabulary_fingerprint(real_corpus) == "10000 words, sha256 6e847ddc08ea"
+    assert real_corpus.oov == {"train": 0.0, "valid": 0.0, "test": 0.0}
 
 
 @pytest.mark.real_data

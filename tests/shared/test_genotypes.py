@@ -70,7 +70,13 @@ def test_bad_cnn_genotypes_name_the_field(changes, message) -> None:
     ('{"space": "gnn"}', "space must be one of"),
     ('{"space": "rnn", "recurrent": [["tanh", 0]]}', "bad rnn genotype fields"),
     ('{"space": ["rnn"], "recurrent": [["tanh", 0]], "concat": [1]}', "space must be one of"),
-    ('{"space": "rnn", "recurrent": [["tanh", 0]], "concat": "x"}', "bad rnn genotype fields"),
+    ('{"space": "rnn", "recurrent": [["tanh", 0]], "concat": "x"}', "concat: a node index must be an integer"),
+    # Values are refused, never coerced: 0.9 is not node 0, true is not node 1, "1" is not a number.
+    ('{"space": "rnn", "recurrent": [["tanh", 0.9]], "concat": [1]}', r"recurrent\[0\]: a node index must be an"),
+    ('{"space": "rnn", "recurrent": [["tanh", true]], "concat": [1]}', r"recurrent\[0\]: a node index must be an"),
+    ('{"space": "rnn", "recurrent": [["tanh", "0"]], "concat": [1]}', r"recurrent\[0\]: a node index must be an"),
+    ('{"space": "rnn", "recurrent": [["tanh", 0]], "concat": [1.0]}', "concat: a node index must be an integer"),
+    ('{"space": "rnn", "recurrent": [[3, 0]], "concat": [1]}', r"recurrent\[0\]: the op must be a name"),
 ])
 def test_bad_json_raises_clear_errors(text: str, message: str) -> None:
     with pytest.raises(GenotypeError, match=message):

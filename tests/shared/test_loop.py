@@ -26,6 +26,8 @@ class Clock:
 class FakeTask:
     """The smallest EpochTask: one weight, one alpha; an epoch only advances the clock."""
 
+    kind = "fake"
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.model = nn.Module()
