@@ -68,6 +68,9 @@ CASES = [
     ("rnn_search", ["min_frequency=0"], "min_frequency must be >= 1"),
     ("rnn_search", ["bogus=1"], "unknown config key 'bogus'"),
     ("rnn_search", ["lerning_rate=3"], "did you mean learning_rate?"),
+    ("rnn_search", ["smok"], 'Named config not found: "smok". Available config values are'),
+    ("rnn_search", ["RUNS={file}/runs"], "runs folder"),  # the runs folder under a file
+    ("cnn_train", ["RUNS=/proc/darts-runs"], "runs folder"),  # where nothing can be written
     ("rnn_search", ["steps=100000"], "lower emsize, nhid or steps"),
     ("rnn_search", ["data_dir=123"], "123"),
     ("rnn_search", ["data_dir={file}"], "is a file, not a folder"),
@@ -173,11 +176,12 @@ def test_a_bad_input_is_one_line_naming_it_and_changes_no_earlier_run(
         entry: str, args: list[str], message: str, world: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     values: dict[str, Any] = {**world, "out": tmp_path / "report"}
-    full = [part.format(**values) for part in (*ARGS.get(entry, ()), *args)]
+    full = [part.format(**values) for part in (*ARGS.get(entry, ()), *args) if not part.startswith("RUNS=")]
+    runs = next((Path(a[5:].format(**values)) for a in args if a.startswith("RUNS=")), tmp_path / "runs")
     earlier = [world["rnn_run"].parent, world["cnn_run"].parent]
     before = snapshot(earlier)
     capfd.readouterr()
-    code = run_entry(entry, full, tmp_path / "runs", monkeypatch)
+    code = run_entry(entry, full, runs, monkeypatch)
     err = capfd.readouterr().err
     assert code == (2 if entry in ("report", "reproduce") else 1), err
     assert "Traceback" not in err, err
