@@ -12,9 +12,8 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values, run_values
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values
+from experiments.tracking.experiment import experiment_main, make_experiment
 from experiments.tracking.runs import run_search
 from shared.collapse import CollapseConfig
 from shared.controller import ControllerConfig
@@ -66,11 +65,8 @@ def smoke() -> None:
     threads = 2
 
 
-@ex.main
-@user_errors
-def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
-    config = run_values(_config)
-
+@experiment_main(ex)
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> CNNSearchTask:
         data = load_cifar10(config["data_dir"])
         model_config = SupernetConfig(num_classes=len(data.classes), **config_values(SupernetConfig, config, RENAMED))
@@ -78,7 +74,7 @@ def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
                              resolve_device(config["device"]), config["seed"], collapse, controller)
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    return run_search(_run, config, build_task, "valid_acc", best=max, may_change=RESUMABLE_CHANGES - {"epochs"})
+    return run_search(run, config, build_task, "valid_acc", best=max, may_change=RESUMABLE_CHANGES - {"epochs"})
 
 
 if __name__ == "__main__":

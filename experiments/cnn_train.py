@@ -12,9 +12,8 @@ from typing import Any
 from cnn_darts.data import load_cifar10
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
-from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values, run_values
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values
+from experiments.tracking.experiment import experiment_main, make_experiment
 from experiments.tracking.runs import record_training
 from shared.device import resolve_device
 from shared.genotypes import CNNGenotype
@@ -68,11 +67,8 @@ def smoke() -> None:
     threads = 2
 
 
-@ex.main
-@user_errors
-def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
-    config = run_values(_config)
-
+@experiment_main(ex)
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(genotype: CNNGenotype) -> CNNTrainTask:
         data = load_cifar10(config["data_dir"])
         model_config = NetworkConfig(num_classes=len(data.classes), **config_values(NetworkConfig, config, RENAMED))
@@ -80,7 +76,7 @@ def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
                             resolve_device(config["device"]), config["seed"])
 
     # `epochs` is the length of the cosine schedule, so a resumed run must keep it.
-    return record_training(_run, _log, config, "cnn", build_task, "valid_acc", best=max,
+    return record_training(run, log, config, "cnn", build_task, "valid_acc", best=max,
                            may_change=RESUMABLE_CHANGES - {"epochs"})
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.tracking.config import RunConfig, add_shared_config, config_values, run_values
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.config import RunConfig, add_shared_config, config_values
+from experiments.tracking.experiment import experiment_main, make_experiment
 from experiments.tracking.runs import recorded_corpus, run_search
 from rnn_darts.data import VocabularyConfig
 from rnn_darts.search import RNNSearchTask, SearchConfig
@@ -30,9 +29,6 @@ ex = make_experiment("rnn_search", globals())
 
 @ex.config
 def config() -> None:
-    data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
-    vocab_size = None  # keep only the N most frequent training words (others read as <unk>); None: all
-    min_frequency = 1  # keep only training words seen at least this often
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
@@ -64,7 +60,7 @@ def config() -> None:
     dropoute = 0.0  # whole words
 
 
-add_shared_config(ex, search=True)  # device, threads, resume, time_limit, collapse, controller, `paper`
+add_shared_config(ex, search=True, corpus=True)  # device, threads, resume, time_limit, corpus, collapse, ...
 
 
 @ex.named_config
@@ -85,18 +81,15 @@ def smoke() -> None:
     threads = 2
 
 
-@ex.main
-@user_errors
-def main(_run: Any, _config: dict[str, Any]) -> dict[str, Any]:
-    config = run_values(_config)
-
+@experiment_main(ex)
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> RNNSearchTask:
-        corpus = recorded_corpus(_run, config)
+        corpus = recorded_corpus(run, config)
         model_config = SupernetConfig(ntoken=corpus.ntoken, **config_values(SupernetConfig, config, RENAMED))
         return RNNSearchTask(corpus, model_config, SearchConfig(**config_values(SearchConfig, config)),
                              resolve_device(config["device"]), config["seed"], collapse, controller)
 
-    return run_search(_run, config, build_task, "valid_ppl")
+    return run_search(run, config, build_task, "valid_ppl")
 
 
 if __name__ == "__main__":

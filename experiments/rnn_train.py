@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.tracking.config import RunConfig, add_shared_config, config_values, run_values
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.config import RunConfig, add_shared_config, config_values
+from experiments.tracking.experiment import experiment_main, make_experiment
 from experiments.tracking.runs import record_training, recorded_corpus
 from rnn_darts.data import VocabularyConfig
 from rnn_darts.model import ModelConfig
@@ -30,9 +29,6 @@ ex = make_experiment("rnn_train", globals())
 
 @ex.config
 def config() -> None:
-    data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
-    vocab_size = None  # keep only the N most frequent training words (others read as <unk>); None: all
-    min_frequency = 1  # keep only training words seen at least this often
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 1267  # the original rnn/train.py's; seeds the weights, the dropout masks and the BPTT window lengths
     epochs = 8000  # the original rnn/train.py's default (the paper: "until convergence")
@@ -59,7 +55,7 @@ def config() -> None:
     dropoute = 0.1  # whole words (the paper's 0.1; the original rnn/train.py's default is 0)
 
 
-add_shared_config(ex, search=False)  # device, threads, resume, time_limit, `paper`
+add_shared_config(ex, search=False, corpus=True)  # device, threads, resume, time_limit, corpus, `paper`
 
 
 @ex.named_config
@@ -80,18 +76,15 @@ def smoke() -> None:
     threads = 2
 
 
-@ex.main
-@user_errors
-def main(_run: Any, _config: dict[str, Any], _log: Any) -> dict[str, Any]:
-    config = run_values(_config)
-
+@experiment_main(ex)
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(genotype: RNNGenotype) -> RNNTrainTask:
-        corpus = recorded_corpus(_run, config)
+        corpus = recorded_corpus(run, config)
         model_config = ModelConfig(ntoken=corpus.ntoken, **config_values(ModelConfig, config, RENAMED))
         return RNNTrainTask(corpus, genotype, model_config, TrainConfig(**config_values(TrainConfig, config)),
                             resolve_device(config["device"]), config["seed"])
 
-    return record_training(_run, _log, config, "rnn", build_task, "valid_ppl", best=min)
+    return record_training(run, log, config, "rnn", build_task, "valid_ppl", best=min)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,19 @@ def controller_config() -> None:  # strategy=reinforce: the REINFORCE controller
     baseline_decay = 0.95  # reinforce: the reward's moving average, subtracted as baseline
 
 
-def add_shared_config(ex: Any, search: bool) -> None:
+def corpus_config() -> None:  # the corpus of the recurrent-cell experiments (rnn_darts.data)
+    data_dir = None  # folder with ptb.train.txt / ptb.valid.txt / ptb.test.txt; None: $DARTS_DATA_DIR, ./data/ptb, hub
+    vocab_size = None  # keep only the N most frequent training words (others read as <unk>); None: all
+    min_frequency = 1  # keep only training words seen at least this often
+
+
+def add_shared_config(ex: Any, search: bool, corpus: bool = False) -> None:
     """Register the shared scopes on an experiment, after its own config (so its comments win): the common keys,
-    for a search the collapse and controller keys, and the `paper` named config."""
+    the corpus keys for the RNN experiments, for a search the collapse and controller keys, and the `paper`
+    named config."""
     ex.config(common_config)
+    if corpus:
+        ex.config(corpus_config)
     if search:
         ex.config(collapse_config)
         ex.config(controller_config)

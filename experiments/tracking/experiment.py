@@ -5,15 +5,15 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sacred import Experiment
 from sacred.dependencies import Source, get_dependencies_from_sys_modules
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from experiments.tracking.config import check_config, scope_keys
-from experiments.tracking.errors import RunError
+from experiments.tracking.config import check_config, run_values, scope_keys
+from experiments.tracking.errors import RunError, user_errors
 from shared.errors import ConfigError
 
 
@@ -81,6 +81,19 @@ def check_runs_folder(folder: Path) -> None:
     except OSError as error:
         raise ConfigError(f"runs folder {folder} is not writable ({error.strerror or error}): set DARTS_RUNS_DIR "
                           f"to a folder this user can write") from None
+
+
+def experiment_main(ex: Experiment) -> Callable[[Callable[..., Any]], Any]:
+    """Register `body(run, config, log)` as the experiment's main command: `config` is the run's config as
+    `run_values` gives it, and a UserFacingError from the library ends the run as one line (`user_errors`)."""
+    def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
+        def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
+            return body(_run, run_values(_config), _log)
+
+        main.__doc__ = body.__doc__
+        return ex.main(user_errors(main))
+
+    return register
 
 
 def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str]) -> None:
