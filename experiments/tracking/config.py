@@ -143,8 +143,9 @@ RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "thread
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
                         may_change: frozenset[str] = RESUMABLE_CHANGES) -> None:
-    """A resumed run must continue the same search: every other config value must match the checkpoint's."""
-    keys = (set(saved) | set(current)) - may_change
+    """A resumed run must continue the same search: every other config value must match the checkpoint's. Keys the
+    checkpoint's config lacks (added to the toolkit since; their defaults keep the old behaviour) are not compared."""
+    keys = set(saved) - may_change
     differ = sorted(k for k in keys if saved.get(k) != current.get(k))
     if differ:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ[:6])
