@@ -109,8 +109,9 @@ class CNNSearchTask(SchedulerGeneratorState):
         return loss_fn
 
     def train_step(self, x: Tensor, y: Tensor, xa: Tensor, ya: Tensor) -> dict[str, Tensor]:
-        """One search step: the architecture step on (xa, ya) (none for plain), the weight step on (x, y). Returns the
-        weight batch's loss and number of correct predictions, detached and on the device."""
+        """One search step: the strategy's architecture step on (xa, ya) (none for plain or sampling), the weight
+        step on (x, y). Returns the weight batch's loss and number of correct predictions, detached and on the
+        device."""
         keep: dict[str, Tensor] = {}
         self.strategy.arch_step(self.engine, self.loss(x, y), self.loss(xa, ya))
         with self.strategy.weight_cell():

@@ -11,7 +11,8 @@ from typing import Any
 
 from experiments.tracking.config import RunConfig, add_shared_config, config_values
 from experiments.tracking.experiment import experiment_main, make_experiment
-from experiments.tracking.runs import recorded_corpus, run_search
+from experiments.tracking.corpus import recorded_corpus
+from experiments.tracking.runs import run_search
 from rnn_darts.data import VocabularyConfig
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig

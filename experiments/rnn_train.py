@@ -12,7 +12,8 @@ from typing import Any
 
 from experiments.tracking.config import RunConfig, add_shared_config, config_values
 from experiments.tracking.experiment import experiment_main, make_experiment
-from experiments.tracking.runs import record_training, recorded_corpus
+from experiments.tracking.corpus import recorded_corpus
+from experiments.tracking.runs import record_training
 from rnn_darts.data import VocabularyConfig
 from rnn_darts.model import ModelConfig
 from rnn_darts.train import RNNTrainTask, TrainConfig

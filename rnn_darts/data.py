@@ -42,7 +42,7 @@ class VocabularyConfig:
     """Which training words get an id of their own (as fairseq's and torchtext's caps); every other word, and every
     word of valid or test that train lacks, is read as <unk>, which joins the vocabulary when the text has none."""
 
-    vocab_size: int | None = None  # keep only the N most frequent training words (besides <eos>, <unk>); None: all
+    vocab_size: int | None = None  # keep the N most frequent training words (<eos> and an appended <unk> extra)
     min_frequency: int = 1  # keep only training words seen at least this often
 
     def __post_init__(self) -> None:
@@ -286,9 +286,10 @@ def _build_corpus(lines: dict[str, list[str]], names: dict[str, str], source: st
     for split, split_lines in lines.items():
         if not any(line.strip() for line in split_lines):
             raise _empty_split(split, names[split])
-    counts = {split: Counter(word for line in split_lines for word in line.split())
-              for split, split_lines in lines.items()}
     tokenizer = _train_tokenizer(lines["train"], vocabulary)
+    split_words = tokenizer.pre_tokenizer.pre_tokenize_str  # the words as the tokenizer cuts them
+    counts = {split: Counter(word for line in split_lines for word, _ in split_words(line))
+              for split, split_lines in lines.items()}
     vocab = tokenizer.get_vocab()
     if UNK not in vocab and any(word not in vocab for split_counts in counts.values() for word in split_counts):
         tokenizer = _with_tokens(tokenizer, {**vocab, UNK: len(vocab)})  # the text has none: a new last id

@@ -142,9 +142,10 @@ class RNNSearchTask:
     def train_step(self, x: Tensor, y: Tensor, hidden: Tensor, xa: Tensor, ya: Tensor, arch_hidden: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """One search step on the window x -> y (architecture window xa -> ya): the learning rate scaled by the
-        window length, the architecture step (none for plain), the weight step. Returns the new hidden states
-        (weights, architecture) and the window's cross entropy, all detached and on the device. The learning rate
-        stays scaled for this window; `train_epoch` puts it back at the end of the epoch."""
+        window length, the strategy's architecture step (none for plain and the sampling strategies), the weight
+        step. Returns the new hidden states (weights, architecture) and the window's cross entropy, all detached
+        and on the device. The learning rate stays scaled for this window; `train_epoch` puts it back at the end of
+        the epoch."""
         config = self.config
         scale_learning_rate(self.engine.weight_optimizer, config.learning_rate, x.size(0), config.bptt)
         keep: dict[str, Tensor] = {}

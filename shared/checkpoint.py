@@ -1,8 +1,10 @@
 """Checkpoints: plain state dicts (loadable with `weights_only=True`), written atomically, with RNG states."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,7 +23,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save({"version": VERSION, **state}, handle)
@@ -31,22 +33,33 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
         kept = "the previous checkpoint is kept" if path.is_file() else "no earlier checkpoint exists"
-        raise CheckpointError(f"writing checkpoint {path} failed ({error.strerror or error}); {kept}: free space "
-                              f"on that disk, or set DARTS_RUNS_DIR to another, and resume") from None
+        fix = ("free space on that disk, or set DARTS_RUNS_DIR to another, and resume"
+               if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the run folder writable, and resume")
+        raise CheckpointError(f"writing checkpoint {path} failed ({error.strerror or error}); {kept}: {fix}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def _writer() -> str:
+    """Who writes a temporary file: '<host>.<pid>' (a process id means something only on its own host)."""
+    return f"{socket.gethostname().replace('.', '_')}.{os.getpid()}"
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporary files of `save` beside `path` whose writing process no longer exists (a write killed
-    midway); a live writer's file is left alone. Returns what was removed."""
+    """Delete the temporary files of `save` beside `path` whose writing process, on this host, no longer exists (a
+    write killed midway); a live writer's file, another host's and one this user may not delete are left alone.
+    Returns what was removed."""
+    host = _writer().rsplit(".", 1)[0]
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+    for tmp in path.parent.glob(f".{path.name}.{host}.*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{host}."):].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink()
+            except OSError:  # a read-only folder keeps its debris; reading the checkpoint still works
+                continue
             removed.append(tmp)
     return removed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from typing import Any
@@ -23,10 +24,15 @@ def _matches(value: Any, kind: Any) -> bool:
         return value is None
     if kind is bool:
         return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is int:  # numpy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            return False
     origin = typing.get_origin(kind) or kind
     if origin is tuple:  # a sequence field (e.g. primitives): a list is converted by the config
         return isinstance(value, (tuple, list))

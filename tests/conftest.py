@@ -68,7 +68,7 @@ def assert_printed_config(module: str, args: tuple[str, ...], lines: tuple[str, 
 
 @pytest.fixture(autouse=True)
 def _small_thread_pool() -> None:
-    torch.set_num_threads(int(os.environ.get("DARTS_TEST_THREADS", min(2, torch.get_num_threads()))))
+    torch.set_num_threads(int(os.environ.get("DARTS_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ Sacred.
 - `errors`: a library's user-facing error as Sacred's one-line failure.
 - `recorder`: the epoch loop's records as Sacred metrics, run info and artifacts.
 - `runs`: what a search or a training does around its task: resume, the epoch loop, results.
+- `corpus`: the RNN experiments' corpus, its tokenizer and out-of-vocabulary shares recorded with the run.
 - `folders`: reading a run folder's JSON files (the report and `reproduce` alike).
 
 Runs go to a FileStorageObserver under `runs/` (env DARTS_RUNS_DIR moves it); with env DARTS_MONGO_URL set (e.g.

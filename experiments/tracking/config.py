@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from shared.device import resolve_device
 from shared.errors import ConfigError
 from shared.validation import check_fields
 
@@ -47,7 +46,6 @@ class RunConfig:
                               f"continue, or leave resume out (None) for a fresh run")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ConfigError(f"time_limit must be a positive number of minutes or None, got {self.time_limit!r}")
-        resolve_device(self.device)  # an unknown or absent device
 
 
 # Keys that name files or folders: Sacred reads `data_dir=123` (a folder named like a number) as an int.
@@ -79,7 +77,13 @@ def check_config(config: dict[str, Any], known: set[str], configs: tuple[Any, ..
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key {unknown[0]!r}{hint}; the keys are: {', '.join(sorted(known))}")
     for cls in configs:
-        cls(**config_values(cls, values, renamed))
+        try:
+            cls(**config_values(cls, values, renamed))
+        except ConfigError as error:  # a renamed field's message speaks of the config key the user typed
+            field = str(error).split(" ", 1)[0].rstrip(",:")
+            if field in renamed:
+                raise ConfigError(renamed[field] + str(error)[len(field):]) from None
+            raise
 
 
 def paper() -> None:  # a named config: the paper's configuration is every experiment's default (tests check it)
@@ -141,11 +145,16 @@ RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "thread
                                *collapse_config.__code__.co_varnames})
 
 
+# Keys added after runs were recorded, with the value every earlier run behaved as.
+ADDED_KEYS = {"vocab_size": None, "min_frequency": 1}
+
+
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
                         may_change: frozenset[str] = RESUMABLE_CHANGES) -> None:
-    """A resumed run must continue the same search: every other config value must match the checkpoint's. Keys the
-    checkpoint's config lacks (added to the toolkit since; their defaults keep the old behaviour) are not compared."""
-    keys = set(saved) - may_change
+    """A resumed run must continue the same search: every other config value must match the checkpoint's. A key
+    added to the toolkit since the checkpoint was written counts as the value that keeps the old behaviour."""
+    saved = {**{key: value for key, value in ADDED_KEYS.items() if key in current}, **saved}
+    keys = (set(saved) | set(current)) - may_change
     differ = sorted(k for k in keys if saved.get(k) != current.get(k))
     if differ:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ[:6])

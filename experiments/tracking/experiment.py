@@ -14,6 +14,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from experiments.tracking.config import check_config, run_values, scope_keys
 from experiments.tracking.errors import RunError, user_errors
+from shared.device import resolve_device
 from shared.errors import ConfigError
 
 
@@ -54,9 +55,10 @@ def record_sources(ex: Experiment, module_globals: dict[str, Any]) -> None:
 def make_experiment(name: str, module_globals: dict[str, Any]) -> Experiment:
     """An experiment with the house observers; captured output keeps only the last state of progress bars.
 
-    Call it as `make_experiment(name, globals())` at the end of the experiment module's imports: the run records
-    that module as its main file, every source file of our packages (relative to the repository root) and the
-    versions of the imported packages.
+    Call it as `make_experiment(name, globals())` after the experiment module's imports and its `CONFIGS` (the
+    dataclasses the config fills) and `RENAMED` (their fields named otherwise in the config): the run records that
+    module as its main file, every source file of our packages (relative to the repository root) and the versions
+    of the imported packages, and the config is validated against `CONFIGS` before a run starts.
     """
     ex = Experiment(name, base_dir=str(REPO_ROOT), save_git_info=False)  # Sacred's git probe crashes without commits
     record_sources(ex, module_globals)
@@ -105,7 +107,9 @@ def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, 
         known.update(known or scope_keys(ex))
         try:
             check_config(config, known, configs, renamed)
-            if not command_name.startswith("print_"):  # a command that records a run
+            if command_name == ex.default_command:  # a run, not print_config and the like
+                if "device" in config:
+                    resolve_device(config["device"])  # an unknown or absent device
                 for observer in ex.observers:
                     if isinstance(observer, FileStorageObserver):
                         check_runs_folder(Path(observer.basedir))

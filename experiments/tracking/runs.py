@@ -9,8 +9,7 @@ import torch
 
 from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, check_resume_config, config_values
 from experiments.tracking.folders import read_json
-from experiments.tracking.recorder import SacredRecorder, add_json_artifact, add_written_artifact, run_folder
-from rnn_darts.data import Corpus, VocabularyConfig, load_corpus, save_tokenizer
+from experiments.tracking.recorder import SacredRecorder, add_json_artifact, run_folder
 from shared import checkpoint
 from shared.collapse import CollapseConfig, EarlyStop
 from shared.controller import ControllerConfig
@@ -63,15 +62,6 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}
     return task, history
-
-
-def recorded_corpus(run: Any, config: dict[str, Any]) -> Corpus:
-    """The RNN experiments' corpus (`data_dir`, the vocabulary keys), its tokenizer saved as the artifact
-    `tokenizer.json` and its out-of-vocabulary shares as run info `oov_rate`."""
-    corpus = load_corpus(config["data_dir"], VocabularyConfig(**config_values(VocabularyConfig, config)))
-    add_written_artifact(run, "tokenizer.json", lambda path: save_tokenizer(corpus, path))
-    run.info["oov_rate"] = corpus.oov
-    return corpus
 
 
 def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sacred.observers import FileStorageObserver
 
 from experiments import reproduce
@@ -55,7 +56,7 @@ CASES = [
     ("rnn_search", ["train_tokens=abc"], "train_tokens must be an integer or None"),
     ("rnn_search", ["epochs=0"], "epochs must be a positive integer"),
     ("rnn_search", ["time_limit=-5"], "time_limit must be a positive number of minutes"),
-    ("rnn_search", ["emsize=0", "nhid=0"], "ninp must be a positive integer"),
+    ("rnn_search", ["emsize=0", "nhid=0"], "emsize must be a positive integer"),
     ("rnn_search", ["dropout=1.5"], "dropout must be in [0, 1)"),
     ("rnn_search", ["arch_data=train", "arch_fraction=2"], "arch_fraction must be in (0, 1)"),
     ("rnn_search", ["eval_batch_size=1"], "must be >= 2"),
@@ -83,8 +84,8 @@ CASES = [
     # cnn_search
     ("cnn_search", ["momentum=-1"], "momentum must be >= 0"),
     ("cnn_search", ["layers=0"], "layers must be a positive integer"),
-    ("cnn_search", ["init_channels=2.5"], "C must be an integer"),
-    ("cnn_search", ["init_channels=5"], "C must be even"),
+    ("cnn_search", ["init_channels=2.5"], "init_channels must be an integer"),
+    ("cnn_search", ["init_channels=5"], "init_channels must be even"),
     ("cnn_search", ["learning_rate_min=1"], "learning_rate_min must be in [0, learning_rate]"),
     ("cnn_search", ["train_portion=1"], "train_portion must be in (0, 1)"),
     ("cnn_search", ["train_images=-3"], "train_images must be >= 1"),
@@ -158,6 +159,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def run_entry(entry: str, args: list[str], runs: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run one entry point in this process as its command line would; returns the exit code."""
     monkeypatch.setenv("DARTS_RUNS_DIR", str(runs))
+    threads = torch.get_num_threads()  # a run that starts sets threads and seeds: give this process its own back
     try:
         if entry == "report":
             return report_main(args)
@@ -168,6 +170,8 @@ def run_entry(entry: str, args: list[str], runs: Path, monkeypatch: pytest.Monke
         ex.run_commandline([entry, *args])
     except SystemExit as exit_:  # argparse's and Sacred's way out
         return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
@@ -181,7 +185,8 @@ def test_a_bad_input_is_one_line_naming_it_and_changes_no_earlier_run(
     earlier = [world["rnn_run"].parent, world["cnn_run"].parent]
     before = snapshot(earlier)
     capfd.readouterr()
-    code = run_entry(entry, full, runs, monkeypatch)
+    with torch.random.fork_rng():
+        code = run_entry(entry, full, runs, monkeypatch)
     err = capfd.readouterr().err
     assert code == (2 if entry in ("report", "reproduce") else 1), err
     assert "Traceback" not in err, err

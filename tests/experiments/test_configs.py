@@ -55,3 +55,16 @@ def test_every_key_reaches_a_dataclass_or_the_run(name: str) -> None:
 def test_with_paper_is_the_defaults(name: str) -> None:
     ex = importlib.import_module(f"experiments.{name}").ex
     assert sacred_defaults(ex, "paper") == sacred_defaults(ex)
+
+
+def test_a_checkpoint_from_before_a_key_was_added_resumes_only_with_the_old_behaviour() -> None:
+    from experiments.tracking.config import check_resume_config
+    from shared.errors import ConfigError
+
+    saved = {"seed": 3, "learning_rate": 5.0}  # written before vocab_size / min_frequency / strategy existed
+    check_resume_config(saved, {**saved, "vocab_size": None, "min_frequency": 1})
+    check_resume_config({**saved, "C": 16}, {**saved, "C": 16})  # an experiment without the added keys
+    with pytest.raises(ConfigError, match="min_frequency: checkpoint 1, now 2"):
+        check_resume_config(saved, {**saved, "vocab_size": None, "min_frequency": 2})
+    with pytest.raises(ConfigError, match="strategy: checkpoint None, now 'random'"):
+        check_resume_config(saved, {**saved, "strategy": "random"})

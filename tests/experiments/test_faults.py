@@ -6,10 +6,10 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -89,15 +89,23 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
 def test_a_run_killed_at_a_random_step_resumes_bit_identical(name: str, data: dict[str, Path], tmp_path: Path,
                                                              whole: Callable[[str], Path]) -> None:
     args = args_for(name, data)
-    process = child(name, args, tmp_path / "killed")
-    for line in process.stdout:  # the loop logs an epoch after its checkpoint is written
-        if " - epoch 1: " in line:
-            break
-    time.sleep(random.Random().uniform(0.0, 0.1))  # somewhere in epoch 2, the last
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    step = random.Random(name).randint(1, 4)  # a step of epoch 2 (the last), the same on every machine
+    process = child(name, args, tmp_path / "killed", prelude=f"""
+        import os, signal
+        from shared.loop import EpochProgress
+        real_add, steps = EpochProgress.add, []
+        def add(self, **values):
+            if self.bar.desc.startswith("epoch 2"):
+                steps.append(1)
+                if len(steps) == {step}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            real_add(self, **values)
+        EpochProgress.add = add
+    """)
+    output, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL, output
     killed = only_run(tmp_path / "killed")
+    assert checkpoint.load(killed)["epoch"] == 1
     resumed = run_experiment(name, *args, f"resume={killed}", runs=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(resumed.run_dir(), whole(name))
@@ -134,9 +142,10 @@ def test_a_temporary_file_of_a_killed_write_is_removed_on_the_next_start(tmp_pat
     folder = tmp_path / "run"
     checkpoint.save(folder / "checkpoint.pt", {"epoch": 1})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    debris = folder / f".checkpoint.pt.{int(dead.stdout)}.abc.tmp"
+    host = socket.gethostname().replace(".", "_")
+    debris = folder / f".checkpoint.pt.{host}.{int(dead.stdout)}.abc.tmp"
     debris.write_bytes(b"half")
-    live = folder / f".checkpoint.pt.{os.getpid()}.abc.tmp"  # a writer still running: left alone
+    live = folder / f".checkpoint.pt.{host}.{os.getpid()}.abc.tmp"  # a writer still running: left alone
     live.write_bytes(b"half")
     assert checkpoint.load(folder)["epoch"] == 1
     assert not debris.exists() and live.exists()
