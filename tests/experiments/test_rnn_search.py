@@ -145,11 +145,13 @@ def test_smoke_search_on_real_ptb_ends_ten_percent_below_the_unigram_perplexity(
     assert isinstance(load(result.run_dir() / "genotype.json"), RNNGenotype)
 
 
-@pytest.mark.parametrize("value", ["-1", "2.5", "True"])
-def test_bad_threads_is_one_line(tmp_path: Path, value: str) -> None:
+@pytest.mark.parametrize(("value", "message"), [("-1", "threads must be 0 (torch's default) or a positive integer"),
+                                               ("2.5", "threads must be an integer, got 2.5"),
+                                               ("True", "threads must be an integer, got True")])
+def test_bad_threads_is_one_line(tmp_path: Path, value: str, message: str) -> None:
     result = tiny_search(tmp_path, f"threads={value}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "threads must be 0 (torch's default) or a positive integer" in result.stderr
+    assert message in result.stderr
 
 
 def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_path: Path) -> None:
