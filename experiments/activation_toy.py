@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment
 from shared.activation_toy import darts, name, reinforce, rewards, toy_data
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
@@ -65,26 +64,25 @@ def config() -> None:
     darts_steps = 300  # architecture + weight steps per order
 
 
-@ex.main
-@user_errors
-def main(_run: Any, seed: int, samples: int, noise: float, controller_steps: int, controller_samples: int,
-         controller_lr: float, baseline_decay: float, entropy_weight: float, orders: list[str], darts_steps: int
-         ) -> dict[str, Any]:
+@experiment_main(ex, None)
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
+    seed, samples, noise, orders, darts_steps = (config[k] for k in ("seed", "samples", "noise", "orders",
+                                                                     "darts_steps"))
     data = toy_data(samples, noise, seed)
     reward = rewards(data)
-    _run.info["rewards"] = {name(pair): value for pair, value in reward.items()}
-    controller = reinforce(reward, controller_steps, controller_samples, controller_lr, baseline_decay,
-                           entropy_weight, seed)
+    run.info["rewards"] = {name(pair): value for pair, value in reward.items()}
+    controller = reinforce(reward, config["controller_steps"], config["controller_samples"],
+                           config["controller_lr"], config["baseline_decay"], config["entropy_weight"], seed)
     for step, p in enumerate(controller.path, start=1):
-        _run.log_scalar("reinforce_p_linear_linear", p, step)
+        run.log_scalar("reinforce_p_linear_linear", p, step)
     best = max(controller.probabilities, key=controller.probabilities.get)
     result: dict[str, Any] = {"reinforce": {"architecture": name(best), "probability": controller.probabilities[best]},
                               "darts": {}}
     for order in orders:
         found = darts(data, order, darts_steps)
         for step, (first, second) in enumerate(found.path, start=1):
-            _run.log_scalar(f"darts_{order}_linear_layer1", first, step)
-            _run.log_scalar(f"darts_{order}_linear_layer2", second, step)
+            run.log_scalar(f"darts_{order}_linear_layer1", first, step)
+            run.log_scalar(f"darts_{order}_linear_layer2", second, step)
         result["darts"][order] = {"architecture": name(found.pair), "softmax": found.softmax}
     return result
 

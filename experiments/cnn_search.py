@@ -65,7 +65,7 @@ def smoke() -> None:
     threads = 2
 
 
-@experiment_main(ex)
+@experiment_main(ex, "valid_acc")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> CNNSearchTask:
         data = load_cifar10(config["data_dir"])

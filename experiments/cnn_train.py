@@ -67,7 +67,7 @@ def smoke() -> None:
     threads = 2
 
 
-@experiment_main(ex)
+@experiment_main(ex, "test_acc")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(genotype: CNNGenotype) -> CNNTrainTask:
         data = load_cifar10(config["data_dir"])

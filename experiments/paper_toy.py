@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.tracking.errors import user_errors
-from experiments.tracking.experiment import make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
 from shared.toy import fixed_point, solve
@@ -53,14 +52,13 @@ def smoke() -> None:
     steps = 100  # noqa: F841 (Sacred reads the local)
 
 
-@ex.main
-@user_errors
-def main(_run: Any, order: str, xi: float, steps: int, arch_lr: float) -> dict[str, float]:
-    result = solve(order, xi=xi, steps=steps, arch_lr=arch_lr)
+@experiment_main(ex, "alpha")
+def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, float]:
+    result = solve(config["order"], xi=config["xi"], steps=config["steps"], arch_lr=config["arch_lr"])
     for step, (alpha, w) in enumerate(result.path):
-        _run.log_scalar("alpha", alpha, step)
-        _run.log_scalar("w", w, step)
-    _run.info["expected_alpha"] = fixed_point(order, xi)
+        run.log_scalar("alpha", alpha, step)
+        run.log_scalar("w", w, step)
+    run.info["expected_alpha"] = fixed_point(config["order"], config["xi"])
     return {"alpha": result.alpha, "w": result.w}
 
 

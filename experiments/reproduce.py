@@ -2,6 +2,7 @@
 
     python -m experiments.reproduce runs/7                      # the new run goes to runs/ ($DARTS_RUNS_DIR)
     python -m experiments.reproduce runs/7 --runs-dir /tmp/rep  # ... or elsewhere
+    python -m experiments.reproduce postgresql://host/darts#7   # run 7 of a team database (or mongodb://...)
 
 The new run is the same experiment (run.json `experiment.name` -> `experiments.<name>.ex`), the same named configs
 and the whole recorded config.json as config updates (so defaults changed since do not matter; the seed is the
@@ -12,7 +13,7 @@ step (the epoch, for a search) but the wall-clock ones (`is_wall_clock`), and so
 `reproduces` (the old run), `reproduction.json` (every difference) and info `reproduction` (a summary).
 
 Exit status: 0 identical, 1 differs (or the reproduction failed), 2 bad input (one line: the problem and the fix).
-The old run folder is only read.
+The old run (folder or database) is only read.
 """
 from __future__ import annotations
 
@@ -23,21 +24,23 @@ import math
 import os
 import re
 import sys
+import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 # experiments.tracking first: its package silences sacred 0.8.7's pkg_resources warning before sacred is imported.
 from experiments.tracking.errors import OneLineParser, RunError
-from experiments.tracking.experiment import REPO_ROOT, SOURCE_PACKAGES, package_sources, runs_dir
+from experiments.tracking.database import export_runs, is_database_url, split_url
+from experiments.tracking.experiment import REPO_ROOT, SOURCE_PACKAGES, package_sources
+from experiments.tracking.observers import RunFolderObserver, runs_dir
 from experiments.tracking.folders import read_json
 from sacred import Experiment
 from sacred.dependencies import get_digest
-from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError
 
-from shared.errors import UserFacingError
+from shared.errors import ConfigError, UserFacingError
 
 # Metrics that measure wall-clock time differ between any two runs, so they are not compared: these names, and any
 # name ending in one of the suffixes (a future `step_time` or `samples_per_second` is excluded without a code change).
@@ -64,6 +67,11 @@ class Record:
     config: dict[str, Any]
     metrics: dict[str, Any]
     info: dict[str, Any]
+    origin: str = ""  # where the run was read from: its folder, or DATABASE_URL#ID
+
+    def __post_init__(self) -> None:
+        if not self.origin:
+            object.__setattr__(self, "origin", str(self.folder.resolve()))
 
     @property
     def experiment(self) -> dict[str, Any]:
@@ -250,19 +258,18 @@ def report(comparison: Comparison, unit: str) -> list[str]:
 
 
 def run_again(record: Record, ex: Experiment, runs: Path) -> Path:
-    """Run the recorded experiment again under `runs`; returns the new run folder."""
-    ex.observers = [o for o in ex.observers if not isinstance(o, FileStorageObserver)]
-    ex.observers.append(FileStorageObserver(str(runs)))
-    link = {"run": str(record.folder.resolve()), "experiment": record.experiment["name"],
-            "named_configs": record.named_configs}
+    """Run the recorded experiment again under `runs` (and in the databases the environment names); returns the
+    new run folder."""
+    link = {"run": record.origin, "experiment": record.experiment["name"], "named_configs": record.named_configs}
     try:
-        run = ex.run(named_configs=record.named_configs, config_updates=record.config, info={"reproduces": link})
+        run = ex.run(named_configs=record.named_configs, config_updates=record.config, info={"reproduces": link},
+                     options={"--file_storage": str(runs)})
     except RunError as error:  # the run's own one-line user error (its data is gone, ...)
         raise RecordError(f"the reproduction stopped: {error}") from None
     except SacredError as error:  # raised before the run starts: the current code does not take the old config
         raise RecordError(f"experiments.{record.experiment['name']} does not take the run's config now "
                           f"({' '.join(str(error).split())}): reproduce it with the code the run used") from None
-    return next(Path(o.dir) for o in run.observers if isinstance(o, FileStorageObserver))
+    return next(Path(o.dir) for o in run.observers if isinstance(o, RunFolderObserver))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -281,7 +288,7 @@ def record_comparison(old: Record, new: Record, comparison: Comparison, warnings
     summary = {"identical": comparison.identical, "differs_in": comparison.differing(), "file": COMPARISON_FILE,
                "largest": None if largest is None else vars(largest)}
     write_json_atomic(new.folder / COMPARISON_FILE, {
-        **summary, "reproduces": str(old.folder.resolve()), "compared": comparison.compared,
+        **summary, "reproduces": old.origin, "compared": comparison.compared,
         "excluded_wall_clock": sorted(m for m in {*old.metrics, *new.metrics} if is_wall_clock(m)),
         "differences": [vars(d) for d in comparison.differences], "notes": comparison.notes, "warnings": warnings})
     write_json_atomic(new.folder / "info.json", {**new.info, "reproduction": summary})
@@ -307,9 +314,23 @@ def check(old: Record, runs: Path) -> list[str]:
     return warnings
 
 
-def reproduce(folder: Path, runs: Path) -> int:
-    """Run `folder`'s run again under `runs` and print the comparison; the exit status (0 identical, 1 differs)."""
-    old = load_record(folder)
+def reproduce(target: str, runs: Path) -> int:
+    """Run the run `target` names (a run folder, or DATABASE_URL#ID) again under `runs` and print the comparison;
+    the exit status (0 identical, 1 differs)."""
+    if not is_database_url(target):
+        return reproduce_record(load_record(Path(target)), runs)
+    _, ids = split_url(target)
+    if ids is None or len(ids) != 1:
+        raise RecordError(f"{target} names {'no' if not ids else 'several'} runs: name one, as DATABASE_URL#7")
+    with tempfile.TemporaryDirectory(prefix="darts-reproduce-") as folder:
+        try:
+            exported = export_runs(target, Path(folder))[0]
+        except ConfigError as error:
+            raise RecordError(str(error)) from None
+        return reproduce_record(replace(load_record(exported), origin=target), runs)
+
+
+def reproduce_record(old: Record, runs: Path) -> int:
     ex = find_experiment(old.experiment["name"])
     warnings = check(old, runs)
     for line in warnings:
@@ -318,7 +339,7 @@ def reproduce(folder: Path, runs: Path) -> int:
     comparison = compare(old, new)
     record_comparison(old, new, comparison, warnings)
     named = f" with {' '.join(old.named_configs)}" if old.named_configs else ""
-    print(f"reproduction of {folder} ({old.experiment['name']}{named}): new run {new.folder}")
+    print(f"reproduction of {old.origin} ({old.experiment['name']}{named}): new run {new.folder}")
     excluded = sorted(m for m in old.metrics if is_wall_clock(m))
     if excluded:
         print(f"not compared (wall-clock): {', '.join(excluded)}")
@@ -328,7 +349,8 @@ def reproduce(folder: Path, runs: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="the Sacred run folder to reproduce, e.g. runs/7 (only read)")
+    parser.add_argument("run_dir", help="the run to reproduce (only read): its folder, e.g. runs/7, or "
+                                        "DATABASE_URL#ID, e.g. postgresql://host/darts#7")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="where the new run goes (default: $DARTS_RUNS_DIR, else runs/)")
     args = parser.parse_args(argv)

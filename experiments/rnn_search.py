@@ -82,7 +82,7 @@ def smoke() -> None:
     threads = 2
 
 
-@experiment_main(ex)
+@experiment_main(ex, "valid_ppl")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> RNNSearchTask:
         corpus = recorded_corpus(run, config)

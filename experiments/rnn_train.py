@@ -77,7 +77,7 @@ def smoke() -> None:
     threads = 2
 
 
-@experiment_main(ex)
+@experiment_main(ex, "test_ppl")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(genotype: RNNGenotype) -> RNNTrainTask:
         corpus = recorded_corpus(run, config)

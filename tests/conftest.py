@@ -47,6 +47,13 @@ class RunResult:
     def metrics(self, run_id: int | None = None) -> dict:
         return json.loads((self.run_dir(run_id) / "metrics.json").read_text())
 
+    def info(self, run_id: int | None = None) -> dict:
+        return json.loads((self.run_dir(run_id) / "info.json").read_text())
+
+    def result(self, run_id: int | None = None) -> dict:
+        """The experiment's result dict (run info `result`; run.json keeps its headline number)."""
+        return self.info(run_id)["result"]
+
 
 def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, env: dict | None = None) -> RunResult:
     """`python -m experiments.<module> ARGS` in a subprocess with its runs under `runs`."""

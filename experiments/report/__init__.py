@@ -3,10 +3,13 @@ genotype changes.
 
     python -m experiments.report runs --out reports/latest          # every numbered run folder under runs/
     python -m experiments.report runs/3 runs/7 old/runs --out /tmp/compare
+    python -m experiments.report postgresql://host/darts runs --out /tmp/team  # a team database and a folder
 
-RUNS are FileStorageObserver run folders or folders holding them (`_sources` is skipped). Writes DIR/report.md and
-DIR/report.html with the PNG plots and SVG cells they show beside them; the run folders are only read. A missing
-or broken file in a run is stated in the report in one line; a RUNS path that does not exist exits 2.
+RUNS are FileStorageObserver run folders, folders holding them (`_sources` is skipped), or database URLs
+(mongodb://..., postgresql://..., sqlite:///...; `URL#3,7` for some of its runs, read as run folders). Writes
+DIR/report.md and DIR/report.html with the PNG plots and SVG cells they show beside them; the runs are only read.
+A missing or broken file in a run is stated in the report in one line; a RUNS path that does not exist, or a
+database that cannot be read, exits 2.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import logging
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +29,10 @@ from experiments.report.cells import cell_svg, genotype_cells
 from experiments.report.doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
 from experiments.report.plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
 from experiments.report.runs import Run, assign_labels, discover, load_run
+from experiments.tracking.database import export_runs, is_database_url
 from experiments.tracking.errors import OneLineParser
 from experiments.report.tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
+from shared.errors import ConfigError
 from shared.genotypes import to_dict
 
 logger = logging.getLogger(__name__)
@@ -187,9 +193,26 @@ def _run_details(run: Run, stem: str, out: Path, report: Report) -> list[Block]:
     return [Heading(3, f"{run.label} ({run.experiment})"), *blocks] if blocks else []
 
 
-def build_report(paths: list[Path], out: Path, now: datetime | None = None,
+def build_report(paths: list[Path | str], out: Path, now: datetime | None = None,
                  stale_after: float = STALE_AFTER) -> Report:
-    """Read the runs under `paths` and write `out`/report.md, report.html and their images."""
+    """Read the runs under `paths` (folders, or database URLs) and write `out`/report.md, report.html and their
+    images."""
+    with tempfile.TemporaryDirectory(prefix="darts-report-") as exported:
+        folders = [Path(p) for p in paths if not is_database_url(str(p))]
+        for url in (str(p) for p in paths if is_database_url(str(p))):
+            try:
+                folders += export_runs(url, Path(exported) / _file_stem(shown_url(url), set()))
+            except ConfigError as error:
+                raise ReportError(str(error)) from None
+        return _build(folders, [shown_url(str(p)) for p in paths], out, now, stale_after)
+
+
+def shown_url(text: str) -> str:
+    """A path or URL as the report shows it: without a password."""
+    return re.sub(r"://[^/@]*@", "://", text) if is_database_url(text) else text
+
+
+def _build(paths: list[Path], shown: list[str], out: Path, now: datetime | None, stale_after: float) -> Report:
     folders, skipped = discover(paths, skip=out)
     inside = [f for f in folders if f == out.resolve() or f in out.resolve().parents]
     if inside:
@@ -200,7 +223,7 @@ def build_report(paths: list[Path], out: Path, now: datetime | None = None,
     report = Report(out / "report.md", out / "report.html", runs)
     now = now or utc_now()
     blocks: list[Block] = [Heading(1, "DARTS runs report"), Para(
-        f"{len(runs)} runs from {', '.join(map(str, paths))}, read {now:%Y-%m-%d %H:%M} UTC.")]
+        f"{len(runs)} runs from {', '.join(shown)}, read {now:%Y-%m-%d %H:%M} UTC.")]
     details: list[Block] = []
     taken: set[str] = set()
     for run in runs:  # drawn first: a drawing step that fails adds a note to its run
@@ -215,8 +238,9 @@ def build_report(paths: list[Path], out: Path, now: datetime | None = None,
 
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUNS",
-                        help="Sacred run folders, or folders holding numbered run folders")
+    parser.add_argument("runs", nargs="+", metavar="RUNS",
+                        help="Sacred run folders, folders holding numbered run folders, or database URLs "
+                             "(mongodb://host/db, postgresql://host/db; URL#3,7 for some of its runs)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="folder for report.md, report.html and their images (created if missing)")
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER, metavar="SECONDS",
@@ -227,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (2: a RUNS path or --out that cannot work)."""
     args = _parser().parse_args(argv)
-    missing = [path for path in args.runs if not path.exists()]
+    missing = [path for path in args.runs if not is_database_url(path) and not Path(path).exists()]
     try:
         if missing:
             raise ReportError(f"{missing[0]} does not exist: RUNS are run folders or folders of run folders")

@@ -62,8 +62,12 @@ class Run:
 
     @property
     def result(self) -> dict[str, Any]:
-        result = self.run.get("result")
-        return result if isinstance(result, dict) else {}
+        """The experiment's result: run info `result` (run.json holds only its headline number), else run.json's
+        `result` as runs before that recorded it."""
+        for result in (self.info.get("result"), self.run.get("result")):
+            if isinstance(result, dict):
+                return result
+        return {}
 
 
 def _read(path: Path) -> tuple[Any, str | None]:

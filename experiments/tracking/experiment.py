@@ -1,25 +1,20 @@
 """An experiment with the house observers, captured-output filter and a record of every source file it can run."""
 from __future__ import annotations
 
-import os
+import numbers
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from sacred import Experiment
 from sacred.dependencies import Source, get_dependencies_from_sys_modules
-from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from experiments.tracking.config import check_config, run_values, scope_keys
 from experiments.tracking.errors import RunError, user_errors
+from experiments.tracking.observers import add_observers
 from shared.device import resolve_device
 from shared.errors import ConfigError
-
-
-def runs_dir() -> Path:
-    return Path(os.environ.get("DARTS_RUNS_DIR", "runs"))
 
 
 # Every run records all .py files of the packages an experiment's code can come from (experiments -> rnn_darts,
@@ -63,34 +58,25 @@ def make_experiment(name: str, module_globals: dict[str, Any]) -> Experiment:
     ex = Experiment(name, base_dir=str(REPO_ROOT), save_git_info=False)  # Sacred's git probe crashes without commits
     record_sources(ex, module_globals)
     ex.pre_run_hook(record_git)
-    ex.observers.append(FileStorageObserver(str(runs_dir())))
-    mongo_url = os.environ.get("DARTS_MONGO_URL")
-    if mongo_url:
-        from sacred.observers import MongoObserver
-
-        ex.observers.append(MongoObserver(url=mongo_url, db_name=os.environ.get("DARTS_MONGO_DB", "darts")))
     ex.captured_out_filter = apply_backspaces_and_linefeeds
-    add_validation(ex, tuple(module_globals.get("CONFIGS", ())), module_globals.get("RENAMED", {}))
+    add_validation(ex, tuple(module_globals.get("CONFIGS", ())), module_globals.get("RENAMED", {}),
+                   add_observers(ex))
     return ex
 
 
-def check_runs_folder(folder: Path) -> None:
-    """One line unless the runs folder can be created and written (before a run starts, not after its work)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"runs folder {folder} is not writable ({error.strerror or error}): set DARTS_RUNS_DIR "
-                          f"to a folder this user can write") from None
-
-
-def experiment_main(ex: Experiment) -> Callable[[Callable[..., Any]], Any]:
+def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[..., Any]], Any]:
     """Register `body(run, config, log)` as the experiment's main command: `config` is the run's config as
-    `run_values` gives it, and a UserFacingError from the library ends the run as one line (`user_errors`)."""
+    `run_values` gives it, and a UserFacingError from the library ends the run as one line (`user_errors`).
+
+    `body` returns the run's result as a dict: it goes to run info `result`, and the run's result (Sacred's
+    `result`, which a SQL database keeps as a number) is its `headline` value, or None without one.
+    """
     def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
         def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
-            return body(_run, run_values(_config), _log)
+            details = body(_run, run_values(_config), _log)
+            _run.info["result"] = details
+            value = details.get(headline) if headline is not None else None
+            return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
         main.__doc__ = body.__doc__
         return ex.main(user_errors(main))
@@ -98,9 +84,11 @@ def experiment_main(ex: Experiment) -> Callable[[Callable[..., Any]], Any]:
     return register
 
 
-def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str]) -> None:
-    """Check the whole config (`check_config`) once Sacred has built it, before any run starts: a bad value fails
-    as one line and leaves no run folder behind."""
+def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str],
+                   attach_observers: Callable[[], None]) -> None:
+    """Check the whole config (`check_config`) once Sacred has built it, before any run starts, then give a run its
+    observers (`attach_observers`): a bad value, an unwritable runs folder or an unusable database fails as one line
+    and leaves no run folder behind."""
     known: set[str] = set()
 
     def validate(config: dict[str, Any], command_name: str, logger: Any) -> dict[str, Any]:
@@ -110,9 +98,7 @@ def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, 
             if command_name == ex.default_command:  # a run, not print_config and the like
                 if "device" in config:
                     resolve_device(config["device"])  # an unknown or absent device
-                for observer in ex.observers:
-                    if isinstance(observer, FileStorageObserver):
-                        check_runs_folder(Path(observer.basedir))
+                attach_observers()
         except ConfigError as error:
             raise RunError(str(error)) from None
         return {}  # Sacred lets the command line's values win over a hook's: run_values converts paths

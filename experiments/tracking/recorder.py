@@ -41,7 +41,8 @@ class SacredRecorder:
     `genotype_history.json`, and the softmax of the alphas of every epoch to `alphas.json`; a training's genotype is
     fixed and recorded once by its experiment. When an early stop ends a search, `genotype` and genotype.json are the
     genotype it chose and run info `early_stop` holds its decision. The checkpoint is the run folder's
-    `checkpoint.pt` (and an artifact for observers that keep no folder, such as MongoDB).
+    `checkpoint.pt`, also an artifact for a database. Each epoch's files replace the last epoch's in every observer
+    (`experiments.tracking.observers`).
     """
 
     def __init__(self, run: Any, folder: Path, search: bool = True) -> None:
@@ -70,5 +71,4 @@ class SacredRecorder:
 
     def checkpoint(self, path: Path, epoch: int) -> None:
         self.run.info["checkpoint"] = str(path)
-        if path.parent != self.folder or any(not isinstance(o, FileStorageObserver) for o in self.run.observers):
-            self.run.add_artifact(str(path), name="checkpoint.pt")
+        self.run.add_artifact(str(path), name="checkpoint.pt")  # every observer keeps the latest one only

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from sacred.observers import FileStorageObserver
 
 from experiments import reproduce
 from experiments.report import main as report_main
@@ -166,7 +165,7 @@ def run_entry(entry: str, args: list[str], runs: Path, monkeypatch: pytest.Monke
         if entry == "reproduce":
             return reproduce.main(args)
         ex = importlib.import_module(f"experiments.{entry}").ex
-        monkeypatch.setattr(ex, "observers", [FileStorageObserver(str(runs))])
+        monkeypatch.setattr(ex, "observers", [])  # a run's observers are attached afresh (DARTS_RUNS_DIR above)
         ex.run_commandline([entry, *args])
     except SystemExit as exit_:  # argparse's and Sacred's way out
         return exit_.code if isinstance(exit_.code, int) else 1

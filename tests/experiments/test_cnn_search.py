@@ -41,7 +41,7 @@ def test_a_search_records_curves_genotypes_alphas_and_checkpoint(tmp_path: Path)
     assert all(len(rows) == 5 and sum(rows[0]) == pytest.approx(1.0) for rows in alphas.values())  # 2 + 3 edges
     assert (folder / "checkpoint.pt").is_file()
     assert "stopped_early" not in info
-    assert run["result"]["valid_acc"] == metrics["valid_acc"]["values"][-1]
+    assert run["result"] == info["result"]["valid_acc"] == metrics["valid_acc"]["values"][-1]  # the headline
 
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: P
     assert resumed.returncode == 0, whole.stderr + first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "valid_acc"):
         assert resumed.metrics(2)[name]["values"] == whole.metrics()[name]["values"], name
-    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+    assert resumed.result(2)["genotype"] == whole.result()["genotype"]
 
 
 def test_resume_may_not_change_the_length_of_the_cosine_schedule(tmp_path: Path) -> None:
@@ -124,8 +124,8 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
     assert all(v > 0 for v in metrics["hessian_eigenvalue"]["values"])
     assert all(0 < v <= math.log(8) + 1e-9 for v in metrics["edge_entropy"]["values"])
     epoch_one = info["genotype_history"][0]["genotype"]
-    assert run["result"]["genotype"] == epoch_one == json.loads((folder / "genotype.json").read_text())
-    assert run["result"]["early_stop"] == info["early_stop"]
+    assert info["result"]["genotype"] == epoch_one == json.loads((folder / "genotype.json").read_text())
+    assert info["result"]["early_stop"] == info["early_stop"]
 
     again = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE, f"resume={folder}")
     assert again.returncode != 0 and "Traceback" not in again.stderr
@@ -135,7 +135,7 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
     assert onward.returncode == 0, onward.stderr
     info = json.loads((onward.run_dir() / "info.json").read_text())
     assert "early_stop" not in info and onward.metrics()["valid_acc"]["steps"] == [1, 2, 3]
-    assert onward.run_json()["result"]["genotype"] == info["genotype_history"][2]["genotype"]
+    assert onward.result()["genotype"] == info["genotype_history"][2]["genotype"]
 
 
 def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "valid_acc"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
-    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+    assert resumed.result(2)["genotype"] == whole.result()["genotype"]
 
 
 def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: Path) -> None:
@@ -171,4 +171,4 @@ def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: P
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "controller_reward", "controller_entropy"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
-    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+    assert resumed.result(2)["genotype"] == whole.result()["genotype"]

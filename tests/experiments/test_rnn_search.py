@@ -44,7 +44,7 @@ def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_p
     assert set(run["artifacts"]) >= {"genotype.json", "genotype_history.json", "alphas.json", "tokenizer.json"}
     assert (folder / "checkpoint.pt").is_file()
     assert "stopped_early" not in info
-    assert run["result"]["valid_ppl"] == metrics["valid_ppl"]["values"][-1]
+    assert run["result"] == info["result"]["valid_ppl"] == metrics["valid_ppl"]["values"][-1]  # the headline
 
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_the_old(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_t
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.run_dir().name == "2"
     assert resumed.metrics(2)["valid_ppl"]["values"] == whole.metrics()["valid_ppl"]["values"]
-    assert resumed.run_json(2)["result"]["genotype"] == whole.run_json()["result"]["genotype"]
+    assert resumed.result(2)["genotype"] == whole.result()["genotype"]
     assert hashlib.sha256(old.read_bytes()).hexdigest() == digest  # the earlier run's checkpoint is untouched
 
 
@@ -162,7 +162,7 @@ def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_pat
         assert metrics[name]["steps"] == [1, 2], name
     genotype = load(result.run_dir() / "genotype.json")
     assert isinstance(genotype, RNNGenotype) and len(genotype.recurrent) == 3
-    assert result.run_json()["result"]["genotype"] == json.loads((result.run_dir() / "genotype.json").read_text())
+    assert result.result()["genotype"] == json.loads((result.run_dir() / "genotype.json").read_text())
 
 
 def test_reinforce_search_records_the_controller_and_a_valid_genotype(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_a_training_from_a_published_name_records_curves_test_and_parameters(spa
     assert "genotype_history" not in record and "alphas" not in record  # a training has no search records
     assert json.loads((result.run_dir() / "genotype.json").read_text()) == record["genotype"]
     assert (result.run_dir() / "checkpoint.pt").is_file()
-    outcome = result.run_json()["result"]
+    outcome = result.result()
     assert outcome[space.test_metric] == metrics[space.test_metric]["values"][0]
     assert outcome["num_parameters"] == record["num_parameters"]
 
@@ -101,7 +101,7 @@ def test_a_training_from_a_search_run_folder_takes_its_final_genotype(space: Spa
     folder = search.run_dir()
     result = space.train(tmp_path, "epochs=1", f"genotype_from={folder}")
     assert result.returncode == 0, result.stderr
-    assert info(result)["genotype"] == search.run_json()["result"]["genotype"]
+    assert info(result)["genotype"] == search.result()["genotype"]
     assert info(result)["genotype_source"] == str(folder / "genotype.json")
     # The report reads both real runs: a search row with its order, a training row with its test value.
     report = build_report([tmp_path / "searches", tmp_path / "runs"], tmp_path / "report")
@@ -181,7 +181,7 @@ def test_smoke_training_on_real_ptb_learns(tmp_path: Path) -> None:
     valid = result.metrics()["valid_ppl"]["values"]
     assert all(math.isfinite(v) for v in valid) and valid[-1] < valid[0], valid
     assert result.metrics()["test_ppl"]["values"][0] < 1000  # far below the 10,000 of a uniform guess
-    assert info(result)["num_parameters"] == result.run_json()["result"]["num_parameters"]
+    assert info(result)["num_parameters"] == result.result()["num_parameters"]
 
 
 @pytest.mark.slow
