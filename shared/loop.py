@@ -7,12 +7,13 @@ neither RNNs, CNNs nor Sacred.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TextIO
 
 import torch
 from torch import Tensor, nn
@@ -157,20 +158,33 @@ class Meter:
         return values
 
 
+@functools.lru_cache(maxsize=1)
+def terminal() -> TextIO | None:
+    """Where progress bars go: the controlling terminal, never stdout or stderr, which a run's captured output
+    (cout.txt) or a batch job's log keeps (a bar's redrawn line would bury the epoch lines there); None without a
+    terminal, and then no bars."""
+    try:
+        return open("/dev/tty", "w", encoding="utf-8")  # noqa: SIM115 (open for the process's lifetime)
+    except OSError:
+        return None
+
+
 class EpochProgress:
-    """A `Meter` and a progress bar for one epoch: `add` per step; every `show_every` steps the sums are checked
-    (one host sync) and `postfix(sums)` goes on the bar; `close` returns the checked sums."""
+    """A `Meter` and a progress bar for one epoch (on the terminal, if any): `add` per step; every `show_every`
+    steps the sums are checked (one host sync) and `postfix(sums)` goes on the bar; `close` returns the checked
+    sums."""
 
     def __init__(self, total: int, description: str, postfix: Callable[[dict[str, float]], dict[str, str]],
                  show_every: int = 10) -> None:
-        self.meter = Meter()
-        self.bar = tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True)
+        self.meter, self.description = Meter(), description
+        self.bar = tqdm(total=total, desc=description, leave=False, mininterval=1.0, dynamic_ncols=True,
+                        file=terminal(), disable=terminal() is None)
         self.postfix, self.show_every = postfix, show_every
 
     def add(self, **values: Tensor | float) -> None:
         try:
             self.meter.add(**values)
-            if self.bar.n % self.show_every == 0:
+            if (self.meter.steps - 1) % self.show_every == 0:  # steps 1, 1 + show_every, ... (a bar off counts none)
                 self.bar.set_postfix(self.postfix(self.meter.check()))
         except NonFiniteLoss:  # the epoch ends here: leave no bar open behind the error line
             self.bar.close()

@@ -5,7 +5,7 @@ import argparse
 import functools
 from typing import Any, Callable
 
-from sacred.utils import SacredError
+from sacred.utils import SacredError, SacredInterrupt
 
 from shared.errors import UserFacingError
 
@@ -16,6 +16,11 @@ class RunError(SacredError):
     def __init__(self, message: str) -> None:
         super().__init__(message, print_traceback=False)
 
+
+class Terminated(RunError, SacredInterrupt):
+    """SIGTERM (a batch scheduler's stop, `kill`): printed as one line, and the run is recorded as INTERRUPTED."""
+
+    STATUS = "INTERRUPTED"
 
 
 def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:

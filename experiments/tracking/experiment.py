@@ -1,17 +1,19 @@
 """An experiment with the house observers, captured-output filter and a record of every source file it can run."""
 from __future__ import annotations
 
+import contextlib
 import numbers
+import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sacred import Experiment
 from sacred.dependencies import Source, get_dependencies_from_sys_modules
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from experiments.tracking.config import check_config, run_values, scope_keys
-from experiments.tracking.errors import RunError, user_errors
+from experiments.tracking.errors import RunError, Terminated, user_errors
 from experiments.tracking.observers import add_observers
 from shared.device import resolve_device
 from shared.errors import ConfigError
@@ -73,7 +75,8 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
     """
     def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
         def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
-            details = body(_run, run_values(_config), _log)
+            with interruptions_recorded(_run):
+                details = body(_run, run_values(_config), _log)
             _run.info["result"] = details
             value = details.get(headline) if headline is not None else None
             return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
@@ -82,6 +85,34 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
         return ex.main(user_errors(main))
 
     return register
+
+
+@contextlib.contextmanager
+def interruptions_recorded(run: Any) -> Iterator[None]:
+    """SIGTERM ends the run as Ctrl-C does, recorded as INTERRUPTED (not left RUNNING); either way run info
+    `interrupted` says which, after which epoch, and how to resume from the run folder's last checkpoint."""
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("stopped by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        yield
+    except (Terminated, KeyboardInterrupt) as stop:
+        done, checkpoint = run.info.get("epochs_done", 0), run.info.get("checkpoint")  # the recorder's
+        resume = f"resume={Path(checkpoint).parent}" if checkpoint else None
+        run.info["interrupted"] = {"by": "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C",
+                                   "after_epoch": done, "resume": resume}
+        run._get_captured_output()  # Sacred reads the output only after this, when its capture is closed: now
+        if isinstance(stop, Terminated):
+            where = f"resume with {resume}" if resume else "no epoch had finished: start it again"
+            raise Terminated(f"stopped by SIGTERM after epoch {done}: {where}") from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str],

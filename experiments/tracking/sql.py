@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sacred.observers import SqlObserver
-from sacred.observers import sql_bases as tables
-from sqlalchemy.orm import scoped_session, sessionmaker
 
-from experiments.tracking.database import StoredRun, iso
-from shared.errors import ConfigError
+warnings.filterwarnings("ignore", message=r"The ``declarative_base\(\)`` function is now available")  # sacred's
+from sacred.observers import SqlObserver  # noqa: E402 (after the filter: importing sql_bases warns)
+from sacred.observers import sql_bases as tables  # noqa: E402
+from sqlalchemy.orm import scoped_session, sessionmaker  # noqa: E402
+
+from experiments.tracking.database import StoredRun, iso  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
 
 CONNECT_TIMEOUT_S = 5
 INSTALL = "pip install 'darts-toolkit[sql]'"

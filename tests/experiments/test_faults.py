@@ -95,7 +95,7 @@ def test_a_run_killed_at_a_random_step_resumes_bit_identical(name: str, data: di
         from shared.loop import EpochProgress
         real_add, steps = EpochProgress.add, []
         def add(self, **values):
-            if self.bar.desc.startswith("epoch 2"):
+            if self.description.startswith("epoch 2"):
                 steps.append(1)
                 if len(steps) == {step}:
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,7 @@
 """The shared epoch loop's time limit, on a fake task and a fake clock (each epoch takes ten clock seconds)."""
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
@@ -102,11 +103,27 @@ def test_a_resumed_call_under_a_passed_deadline_still_does_one_epoch(tmp_path, c
     assert [r.epoch for r in history] == [1, 2]
 
 
-def test_a_non_finite_loss_closes_the_epochs_progress_bar() -> None:
-    from shared.loop import EpochProgress, NonFiniteLoss
+def test_a_non_finite_loss_closes_the_epochs_progress_bar(monkeypatch) -> None:
+    from shared import loop
 
-    progress = EpochProgress(30, "epoch 1", lambda sums: {})
-    with pytest.raises(NonFiniteLoss):
+    screen = io.StringIO()
+    monkeypatch.setattr(loop, "terminal", lambda: screen)  # a terminal: the bar is drawn
+    progress = loop.EpochProgress(30, "epoch 1", lambda sums: {})
+    assert not progress.bar.disable
+    with pytest.raises(loop.NonFiniteLoss):
         for _ in range(30):
             progress.add(loss=torch.tensor(float("nan")))
-    assert progress.bar.disable  # tqdm's mark of a closed bar
+    assert progress.bar.disable and "epoch 1" in screen.getvalue()  # tqdm's mark of a closed bar
+
+
+def test_progress_bars_go_to_the_terminal_only_never_to_stdout_or_stderr(monkeypatch, capsys) -> None:
+    from shared import loop
+
+    for screen in (io.StringIO(), None):  # a terminal, then none (a batch job, a pipe)
+        monkeypatch.setattr(loop, "terminal", lambda: screen)
+        progress = loop.EpochProgress(20, "epoch 1", lambda sums: {"loss": f"{sums['loss']:.2f}"}, show_every=5)
+        for _ in range(20):
+            progress.add(loss=torch.tensor(1.0))
+        assert progress.close() == {"loss": 20.0}
+        assert screen is None or "epoch 1" in screen.getvalue()
+    assert capsys.readouterr() == ("", "")
