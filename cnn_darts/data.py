@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from shared.errors import ConfigError, DataError
 from shared.hub import data_folder, load_hub_dataset
+from shared.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +104,51 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None = None, hub_name: str |
     return data
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageDataConfig:
+    """Which images a CNN experiment reads (the config keys of the same names)."""
+
+    dataset: str = "cifar10"  # cifar10 (its python files, else the hub), or a `datasets` folder or hub name
+    image_column: str | None = None  # None: the first Image column (else img, image)
+    label_column: str | None = None  # None: the first ClassLabel column (else label, labels)
+    train_split: str = "train"
+    test_split: str | None = None  # None: test, else validation
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.dataset.strip() or not self.train_split.strip() or self.test_split == "":
+            raise ConfigError(f"dataset, train_split and test_split must be non-empty, got {self.dataset!r}, "
+                              f"{self.train_split!r}, {self.test_split!r}")
+
+
+def load_images(config: ImageDataConfig, data_dir: str | os.PathLike[str] | None = None) -> ImageData:
+    """CIFAR-10 (`load_cifar10(data_dir)`) for dataset=cifar10 with its default columns and splits, else the
+    `datasets` image-classification dataset the config names (`load_image_dataset`)."""
+    if config == ImageDataConfig():
+        return load_cifar10(data_dir)
+    start = time.perf_counter()
+    data = load_image_dataset(config.dataset, config.image_column, config.label_column, config.train_split,
+                              config.test_split)
+    logger.info("%s loaded in %.1f s: %d classes, images %s, %d train, %d test", data.source,
+                time.perf_counter() - start, len(data.classes), tuple(data.train_images.shape[1:]),
+                len(data.train_labels), len(data.test_labels))
+    return data
+
+
 def load_image_dataset(path_or_name: str | os.PathLike[str], image_column: str | None = None,
-                       label_column: str | None = None) -> ImageData:
+                       label_column: str | None = None, train_split: str = "train",
+                       test_split: str | None = None) -> ImageData:
     """Any image-classification dataset in `datasets` format: a `save_to_disk` folder or a hub name.
 
-    It needs a 'train' split and a 'test' (or 'validation') split. Columns default to the first `Image` and
-    `ClassLabel` features (else 'img'/'image' and 'label'/'labels'). Images are converted to RGB, not resized,
-    so every image must have the same size.
+    It needs the split `train_split` and `test_split` (None: 'test', else 'validation'). Columns default to the
+    first `Image` and `ClassLabel` features (else 'img'/'image' and 'label'/'labels'). Images are converted to
+    RGB, not resized, so every image must have the same size.
     """
+    columns = (image_column, label_column, train_split, test_split)
     path = Path(path_or_name).expanduser()
     if not path.exists():
         try:
-            return _load_hub(str(path_or_name), image_column, label_column)
+            return _load_hub(str(path_or_name), *columns)
         except DataError as err:
             raise DataError(f"{str(path_or_name)!r} is no local folder, and {err}; pass an existing save_to_disk "
                             "folder, or go online with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset") from err
@@ -125,7 +159,7 @@ def load_image_dataset(path_or_name: str | os.PathLike[str], image_column: str |
     except Exception as err:  # datasets raises FileNotFoundError, ValueError, arrow errors...
         raise DataError(f"{path} is not a readable `datasets` save_to_disk folder ({type(err).__name__}: {err}); "
                         "write it with DatasetDict.save_to_disk or pass a hub name") from err
-    return _from_datasets(dataset, f"disk:{path}", image_column, label_column)
+    return _from_datasets(dataset, f"disk:{path}", *columns)
 
 
 def synthetic_images(train: int, test: int, seed: int = 0, num_classes: int = 10) -> ImageData:
@@ -322,22 +356,26 @@ def _check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None
                         "re-create or re-download the data")
 
 
-def _load_hub(name: str | None, image_column: str | None, label_column: str | None) -> ImageData:
+def _load_hub(name: str | None, image_column: str | None, label_column: str | None, train_split: str = "train",
+              test_split: str | None = None) -> ImageData:
     """`name` from the Hugging Face hub; a DataError saying why not is left to the caller to complete."""
     if name is None:
         raise DataError("the hub was skipped: the hub fallback is off (hub_name=None)")
-    return _from_datasets(load_hub_dataset(name), f"hub:{name}", image_column, label_column)
+    return _from_datasets(load_hub_dataset(name), f"hub:{name}", image_column, label_column, train_split,
+                          test_split)
 
 
-def _from_datasets(dataset: Any, source: str, image_column: str | None, label_column: str | None) -> ImageData:
+def _from_datasets(dataset: Any, source: str, image_column: str | None, label_column: str | None,
+                   train_split: str = "train", test_split: str | None = None) -> ImageData:
     import datasets
 
     splits = list(dataset) if isinstance(dataset, datasets.DatasetDict) else []
-    test_name = "test" if "test" in splits else "validation"
-    if "train" not in splits or test_name not in splits:
-        raise DataError(f"{source} needs a 'train' and a 'test' (or 'validation') split, found {splits or 'one'}; "
-                        "save a DatasetDict(train=..., test=...)")
-    train = dataset["train"]
+    test_name = test_split or ("test" if "test" in splits else "validation")
+    if train_split not in splits or test_name not in splits:
+        wanted = f"'{test_name}'" if test_split else "a 'test' (or 'validation')"
+        raise DataError(f"{source} needs a '{train_split}' and {wanted} split, found {splits or 'one'}; pass "
+                        f"train_split= and test_split=, or save a DatasetDict(train=..., test=...)")
+    train = dataset[train_split]
     image_column = image_column or _pick_column(train, datasets.Image, ("img", "image"), source, "image_column")
     label_column = label_column or _pick_column(train, datasets.ClassLabel, ("label", "labels"), source,
                                                 "label_column")
@@ -348,7 +386,7 @@ def _from_datasets(dataset: Any, source: str, image_column: str | None, label_co
     classes = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else tuple(
         str(i) for i in range(int(np.max(train[label_column], initial=0)) + 1))
     train_images, train_labels = _split_to_tensors(train, image_column, label_column, len(classes),
-                                                   f"{source}[train]")
+                                                   f"{source}[{train_split}]")
     test_images, test_labels = _split_to_tensors(dataset[test_name], image_column, label_column, len(classes),
                                                  f"{source}[{test_name}]")
     if test_images.shape[1:] != train_images.shape[1:]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnn_darts.data import load_cifar10
+from cnn_darts.data import ImageDataConfig, load_images
 from cnn_darts.search import CNNSearchTask, SearchConfig
 from cnn_darts.supernet import SupernetConfig
 from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values
@@ -21,7 +21,7 @@ from shared.device import resolve_device
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (RunConfig, SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
+CONFIGS = (RunConfig, ImageDataConfig, SearchConfig, SupernetConfig, CollapseConfig, ControllerConfig)
 RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_search", globals())
@@ -50,7 +50,7 @@ def config() -> None:
     steps = 4  # intermediate nodes per cell
 
 
-add_shared_config(ex, search=True)  # device, threads, resume, time_limit, collapse, controller, `paper`
+add_shared_config(ex, search=True, images=True)  # device, threads, resume, time_limit, images, collapse, ...
 
 
 @ex.named_config
@@ -68,7 +68,7 @@ def smoke() -> None:
 @experiment_main(ex, "valid_acc")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(collapse: CollapseConfig, controller: ControllerConfig) -> CNNSearchTask:
-        data = load_cifar10(config["data_dir"])
+        data = load_images(ImageDataConfig(**config_values(ImageDataConfig, config)), config["data_dir"])
         model_config = SupernetConfig(num_classes=len(data.classes), **config_values(SupernetConfig, config, RENAMED))
         return CNNSearchTask(data, model_config, SearchConfig(**config_values(SearchConfig, config)),
                              resolve_device(config["device"]), config["seed"], collapse, controller)

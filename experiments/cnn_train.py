@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnn_darts.data import load_cifar10
+from cnn_darts.data import ImageDataConfig, load_images
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
 from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values
@@ -20,7 +20,7 @@ from shared.genotypes import CNNGenotype
 
 # The dataclasses the config fills (their defaults and the config's must agree: tests/experiments/test_configs.py),
 # with the config keys named otherwise than their fields.
-CONFIGS = (RunConfig, TrainConfig, NetworkConfig)
+CONFIGS = (RunConfig, ImageDataConfig, TrainConfig, NetworkConfig)
 RENAMED = {"C": "init_channels"}
 
 ex = make_experiment("cnn_train", globals())
@@ -50,7 +50,7 @@ def config() -> None:
     layers = 20  # cells; reductions at 1/3 and 2/3 of the depth
 
 
-add_shared_config(ex, search=False)  # device, threads, resume, time_limit, `paper`
+add_shared_config(ex, search=False, images=True)  # device, threads, resume, time_limit, `paper`
 
 
 @ex.named_config
@@ -70,7 +70,7 @@ def smoke() -> None:
 @experiment_main(ex, "test_acc")
 def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     def build_task(genotype: CNNGenotype) -> CNNTrainTask:
-        data = load_cifar10(config["data_dir"])
+        data = load_images(ImageDataConfig(**config_values(ImageDataConfig, config)), config["data_dir"])
         model_config = NetworkConfig(num_classes=len(data.classes), **config_values(NetworkConfig, config, RENAMED))
         return CNNTrainTask(data, genotype, model_config, TrainConfig(**config_values(TrainConfig, config)),
                             resolve_device(config["device"]), config["seed"])

@@ -32,6 +32,9 @@ SPLIT_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.
 EOS = "<eos>"
 UNK = "<unk>"
 HUB_ID = "ptb-text-only/ptb_text_only"  # Hugging Face hub copy of the same Mikolov text
+# Its loading script no longer runs in `datasets` (4.0 dropped scripts): read the hub's Parquet conversion of the
+# script's output instead (branch refs/convert/parquet, config penn_treebank, a folder per split).
+HUB_PARQUET = f"hf://datasets/{HUB_ID}@refs%2Fconvert%2Fparquet/penn_treebank"
 HUB_COLUMN = "sentence"
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 _UNBOUNDED_VOCAB = 2**31 - 1  # the corpus decides the vocabulary (10k on PTB), not the trainer
@@ -271,7 +274,8 @@ def _read_hub(folder: Path) -> dict[str, list[str]]:
     if offline_reason() is None:
         logger.warning("no corpus folder at %s; trying the Hugging Face hub (%s)", folder, HUB_ID)
     try:
-        dataset = load_hub_dataset(HUB_ID)
+        files = {hub_split: f"{HUB_PARQUET}/{hub_split}/*.parquet" for hub_split in HUB_SPLITS.values()}
+        dataset = load_hub_dataset(HUB_ID, "parquet", data_files=files)
         return {split: dataset[hub_split][:][HUB_COLUMN] for split, hub_split in HUB_SPLITS.items()}
     except DataError as error:
         raise DataError(f"{remedies} ({error})") from error

@@ -49,8 +49,9 @@ def hub_skip_reason(name: str) -> str | None:
     return None
 
 
-def load_hub_dataset(name: str) -> Any:
-    """`datasets.load_dataset(name)` without progress bars; DataError (one line) when it fails or may not be tried."""
+def load_hub_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(name)` (or `load_dataset(*args, **kwargs)` for files of the hub repository `name`)
+    without progress bars; DataError (one line) when it fails or may not be tried."""
     reason = hub_skip_reason(name)
     if reason is not None:
         raise DataError(f"the hub was skipped: {reason}")
@@ -58,7 +59,7 @@ def load_hub_dataset(name: str) -> Any:
 
     try:
         with quiet_progress_bars():
-            return datasets.load_dataset(name)
+            return datasets.load_dataset(*(args or (name,)), **kwargs)
     except Exception as error:  # network drops, missing splits, scripts no longer supported, cache permissions...
         raise DataError(f"downloading {name!r} from the hub failed ({type(error).__name__}: {one_line(error)})"
                         ) from error

@@ -126,13 +126,23 @@ def corpus_config() -> None:  # the corpus of the recurrent-cell experiments (rn
     min_frequency = 1  # keep only training words seen at least this often
 
 
-def add_shared_config(ex: Any, search: bool, corpus: bool = False) -> None:
+def image_config() -> None:  # the images of the convolutional-cell experiments (cnn_darts.data.ImageDataConfig)
+    dataset = "cifar10"  # cifar10 (python files in data_dir, else the hub), or a `datasets` saved folder or hub name
+    image_column = None  # another dataset's image column; None: its first Image column (else img, image)
+    label_column = None  # another dataset's label column; None: its first ClassLabel column (else label, labels)
+    train_split = "train"  # another dataset's split that the search or training reads
+    test_split = None  # another dataset's held-out split; None: test, else validation
+
+
+def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool = False) -> None:
     """Register the shared scopes on an experiment, after its own config (so its comments win): the common keys,
-    the corpus keys for the RNN experiments, for a search the collapse and controller keys, and the `paper`
-    named config."""
+    the corpus keys for the RNN experiments and the image keys for the CNN ones, for a search the collapse and
+    controller keys, and the `paper` named config."""
     ex.config(common_config)
     if corpus:
         ex.config(corpus_config)
+    if images:
+        ex.config(image_config)
     if search:
         ex.config(collapse_config)
         ex.config(controller_config)

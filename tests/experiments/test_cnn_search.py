@@ -172,3 +172,27 @@ def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: P
     for name in ("train_loss", "valid_loss", "controller_reward", "controller_entropy"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
     assert resumed.result(2)["genotype"] == whole.result()["genotype"]
+
+
+def test_any_datasets_image_dataset_is_searched_from_the_command_line(tmp_path: Path) -> None:
+    """dataset=<save_to_disk folder> with its own columns and splits: 3 classes of 16x16 images."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"])})
+
+    def split(n: int) -> datasets.Dataset:
+        images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(n)]
+        return datasets.Dataset.from_dict({"picture": images, "kind": [i % 3 for i in range(n)]}, features=features)
+
+    datasets.DatasetDict(fit=split(32), held_out=split(12)).save_to_disk(str(tmp_path / "shapes"))
+    args = ("with", "smoke", f"dataset={tmp_path / 'shapes'}", "image_column=picture", "label_column=kind",
+            "train_split=fit", "test_split=held_out", *TINY, "epochs=1")
+    result = run_experiment("cnn_search", *args, runs=tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    assert "3 classes, images (3, 16, 16), 32 train, 12 test" in result.stderr
+    assert 0 <= result.run_json()["result"] <= 1
+    wrong = run_experiment("cnn_search", *args[:-3], "test_split=nope", *TINY, "epochs=1", runs=tmp_path / "runs")
+    assert wrong.returncode != 0 and "needs a 'fit' and 'nope' split, found ['fit', 'held_out']" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

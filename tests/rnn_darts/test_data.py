@@ -196,22 +196,25 @@ def test_missing_folder_hub_failure_names_both_remedies(tmp_path: Path, monkeypa
         load_corpus(tmp_path / "nowhere")
 
 
-def test_hub_splits_and_column_are_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hub_copy_is_read_from_its_parquet_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real `datasets` loader, on a small stored copy in the layout of the hub's refs/convert/parquet
+    branch (config penn_treebank, a folder per split); only the network probe is stubbed."""
     import datasets
     import huggingface_hub
 
+    assert data.HUB_PARQUET == "hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/penn_treebank"
+    lines = {"train": [" a b ", " b c "], "validation": [" c "], "test": [" a ", " b "]}
+    for split, sentences in lines.items():
+        (tmp_path / "hub" / split).mkdir(parents=True)
+        datasets.Dataset.from_dict({"sentence": sentences}).to_parquet(tmp_path / "hub" / split / "0000.parquet")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: None)
-    fake = {"train": datasets.Dataset.from_dict({"sentence": ["a b", "b c"]}),
-            "validation": datasets.Dataset.from_dict({"sentence": ["c"]}),
-            "test": datasets.Dataset.from_dict({"sentence": ["a", "b"]})}
-    seen: list[str] = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: seen.append(name) or fake)
+    monkeypatch.setattr(data, "HUB_PARQUET", str(tmp_path / "hub"))
     corpus = load_corpus(tmp_path / "nowhere")
-    assert seen == [data.HUB_ID]
     assert corpus.source.endswith(data.HUB_ID)
-    assert [len(corpus.train), len(corpus.valid), len(corpus.test)] == [6, 2, 4]
+    assert [len(corpus.train), len(corpus.valid), len(corpus.test)] == [6, 2, 4]  # words and <eos> per line
+    assert corpus.tokenizer.id_to_token(int(corpus.valid[0])) == "c"
 
 
 def test_plain_file_instead_of_folder(tmp_path: Path) -> None:
