@@ -52,6 +52,7 @@ ex = make_experiment("activation_toy", globals())
 
 @ex.config
 def config() -> None:
+    """REINFORCE and DARTS on the two-layer activation toy (Zoph & Le 2017)."""
     seed = 0  # the data and the controller's samples
     samples = 256  # data points per half (train fits the weights, valid gives the reward / the architecture loss)
     noise = 0.1  # standard deviation of the noise on y = 2x

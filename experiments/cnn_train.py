@@ -28,6 +28,7 @@ ex = make_experiment("cnn_train", globals())
 
 @ex.config
 def config() -> None:
+    """The paper's CIFAR-10 training of a found cell from scratch (600 epochs, 20 cells)."""
     data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 0  # the original cnn/train.py's; seeds the weights, the held-out split, augmentation and drop path
@@ -55,7 +56,7 @@ add_shared_config(ex, search=False, images=True)  # device, threads, resume, tim
 
 @ex.named_config
 def smoke() -> None:
-    # About a minute on a 2-core CPU: DARTS_V2 in 5 cells of 8 channels, 2 epochs over 1024 images (128 held out).
+    """About a minute on a 2-core CPU: DARTS_V2 in 5 cells of 8 channels, 2 epochs over 1024 images."""
     epochs = 2
     batch_size = 32
     learning_rate = 0.05

@@ -30,6 +30,7 @@ ex = make_experiment("rnn_train", globals())
 
 @ex.config
 def config() -> None:
+    """The paper's PTB training of a found cell from scratch (AWD-LSTM style, averaged SGD)."""
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 1267  # the original rnn/train.py's; seeds the weights, the dropout masks and the BPTT window lengths
     epochs = 8000  # the original rnn/train.py's default (the paper: "until convergence")
@@ -61,8 +62,8 @@ add_shared_config(ex, search=False, corpus=True)  # device, threads, resume, tim
 
 @ex.named_config
 def smoke() -> None:
-    # Half a minute on a 2-core CPU: DARTS_V2 at 64 wide, 4 epochs over the first 30k training tokens. nonmono=1:
-    # from epoch 3 on, averaging starts at the first validation worse than the best before the last epoch.
+    """Half a minute on a 2-core CPU: DARTS_V2 at 64 wide, 4 epochs over the first 30k training tokens."""
+    # nonmono=1: from epoch 3 on, averaging starts at the first validation worse than the best before the last epoch.
     epochs = 4
     batch_size = 32
     eval_batch_size = 64

@@ -63,6 +63,8 @@ def _curves(runs: list[Run], names: list[str], kind: str, path: Path) -> Plot:
                 finite = [v if math.isfinite(v) else math.nan for v in series.values]
                 ax.plot(series.steps, finite, marker="o", markersize=3, label=f"{run.label} {run.experiment}")
                 values += [v for v in finite if not math.isnan(v)]
+        if kind == "ppl" and name.startswith("valid"):
+            values += _unigram_lines(ax, [run for run in runs if name in run.metrics])
         if kind == "ppl" and values and min(values) > 0 and max(values) / min(values) > LOG_RATIO:
             ax.set_yscale("log")  # perplexities span orders of magnitude early in training
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
@@ -74,6 +76,16 @@ def _curves(runs: list[Run], names: list[str], kind: str, path: Path) -> Plot:
         panels[name] = tuple(line.get_label() for line in ax.get_lines())
     fig.savefig(path, dpi=100)
     return Plot(path.name, panels)
+
+
+def _unigram_lines(ax: Any, runs: list[Run]) -> list[float]:
+    """A dotted line per distinct unigram valid perplexity of `runs` (run info `unigram_valid_ppl`): the floor a
+    language model must beat. Returns the values drawn."""
+    found = {round(float(value), 1) for run in runs
+             if isinstance(value := run.info.get("unigram_valid_ppl"), (int, float)) and math.isfinite(value)}
+    for value in sorted(found):
+        ax.axhline(value, color="0.4", linestyle=":", linewidth=1.2, label=f"unigram {value:g}")
+    return sorted(found)
 
 
 def early_stop(run: Run) -> dict[str, Any] | None:

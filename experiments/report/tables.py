@@ -131,7 +131,7 @@ def _shown(value: Any) -> str:
 
 def config_differences(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """(keys, one row per run): the config keys present in more than one run with different values there."""
-    keys = sorted({key for run in runs for key in run.config})
+    keys = sorted({key for run in runs for key in run.config if key != "__doc__"})  # Sacred's named config doc
     differing = []
     for key in keys:
         values = [_shown(run.config[key]) for run in runs if key in run.config]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ def common_config() -> None:  # the keys every search and training shares, with 
     threads = 0  # torch CPU threads (0: torch's default)
     resume = None  # a run folder or checkpoint.pt to continue from in a new run (README: which keys may change)
     time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
+    tensorboard = False  # also write every metric as TensorBoard event files to the run folder's tensorboard/
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class RunConfig:
     resume: str | None
     time_limit: float | None
     data_dir: str | None
+    tensorboard: bool
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -46,6 +49,9 @@ class RunConfig:
                               f"continue, or leave resume out (None) for a fresh run")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ConfigError(f"time_limit must be a positive number of minutes or None, got {self.time_limit!r}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard=True needs the tensorboard package: pip install "
+                              "'darts-toolkit[tensorboard]', or leave tensorboard off")
 
 
 # Keys that name files or folders: Sacred reads `data_dir=123` (a folder named like a number) as an int.
@@ -66,12 +72,15 @@ def run_values(config: dict[str, Any]) -> dict[str, Any]:
                          if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}}
 
 
+SACRED_DOC = "__doc__"  # Sacred's own key: a named config's docstring, which print_config shows above the config
+
+
 def check_config(config: dict[str, Any], known: set[str], configs: tuple[Any, ...], renamed: dict[str, str]
                  ) -> None:
     """Validate a run's config before anything runs: no unknown key, and every dataclass in `configs` accepts its
     values (types, ranges, relations)."""
     values = run_values(config)
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known - {SACRED_DOC})
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -86,8 +95,8 @@ def check_config(config: dict[str, Any], known: set[str], configs: tuple[Any, ..
             raise
 
 
-def paper() -> None:  # a named config: the paper's configuration is every experiment's default (tests check it)
-    pass  # so `with paper` is a valid command line that changes nothing
+def paper() -> None:
+    """The paper's configuration, which is every experiment's default (the tests check it): changes nothing."""
 
 
 def config_values(cls: Any, config: dict[str, Any], renamed: dict[str, str] | None = None) -> dict[str, Any]:
@@ -151,12 +160,13 @@ def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool 
 
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
-RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit",
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit", "tensorboard",
                                *collapse_config.__code__.co_varnames})
 
 
 # Keys added after runs were recorded, with the value every earlier run behaved as.
-ADDED_KEYS = {"vocab_size": None, "min_frequency": 1}
+ADDED_KEYS = {"vocab_size": None, "min_frequency": 1, "dataset": "cifar10", "image_column": None, "label_column": None,
+              "train_split": "train", "test_split": None}
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],

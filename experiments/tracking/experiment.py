@@ -116,7 +116,7 @@ def interruptions_recorded(run: Any) -> Iterator[None]:
 
 
 def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str],
-                   attach_observers: Callable[[], None]) -> None:
+                   attach_observers: Callable[[dict[str, Any]], None]) -> None:
     """Check the whole config (`check_config`) once Sacred has built it, before any run starts, then give a run its
     observers (`attach_observers`): a bad value, an unwritable runs folder or an unusable database fails as one line
     and leaves no run folder behind."""
@@ -129,7 +129,7 @@ def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, 
             if command_name == ex.default_command:  # a run, not print_config and the like
                 if "device" in config:
                     resolve_device(config["device"])  # an unknown or absent device
-                attach_observers()
+                attach_observers(config)
         except ConfigError as error:
             raise RunError(str(error)) from None
         return {}  # Sacred lets the command line's values win over a hook's: run_values converts paths

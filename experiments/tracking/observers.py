@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from sacred.observers import FileStorageObserver
+from sacred.observers import FileStorageObserver, RunObserver
 
 from shared.errors import ConfigError
 
@@ -110,10 +110,36 @@ def check_runs_folder(folder: Path, fix: str) -> None:
         raise ConfigError(f"runs folder {folder} is not writable ({error.strerror or error}): {fix}") from None
 
 
+class TensorBoardObserver(RunObserver):
+    """Every metric the run logs, also as TensorBoard event files in its folder's tensorboard/ (config key
+    `tensorboard`); after the run folder's observer, whose folder it writes into."""
+
+    priority = 0
+
+    def __init__(self, folder: RunFolderObserver) -> None:
+        self.folder, self.writer = folder, None
+
+    def started_event(self, *args: Any, **kwargs: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(self.folder.dir) / "tensorboard"))
+
+    def log_metrics(self, metrics_by_name: dict[str, Any], info: dict[str, Any]) -> None:
+        for name, series in metrics_by_name.items():
+            for step, value in zip(series["steps"], series["values"]):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def completed_event(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.close()
+
+    interrupted_event = failed_event = completed_event
+
+
 HOUSE_OPTIONS = ("--file_storage", "--mongo_db", "--sql", "--id")  # taken from Sacred's hands by `add_observers`
 
 
-def add_observers(ex: Any) -> Callable[[], None]:
+def add_observers(ex: Any) -> Callable[[dict[str, Any]], None]:
     """Give every run of `ex` its observers; returns `attach`, which the config hook calls for a run (not for
     print_config and the like), so that a bad folder or database is one line before the run starts.
 
@@ -130,7 +156,7 @@ def add_observers(ex: Any) -> Callable[[], None]:
         given.update({flag: options.get(flag) for flag in HOUSE_OPTIONS})
         options.update(dict.fromkeys(HOUSE_OPTIONS))  # falsy: Sacred applies none of them
 
-    def attach() -> None:
+    def attach(config: dict[str, Any]) -> None:
         where = given.get("--file_storage")
         folder_path = Path(where) if where else runs_dir()
         fix = "pass -F a folder this user can write" if where else "set DARTS_RUNS_DIR to a folder this user can write"
@@ -141,7 +167,8 @@ def add_observers(ex: Any) -> Callable[[], None]:
             for flag, short in (("--mongo_db", "-m"), ("--sql", "-s")) if given.get(flag)]
         if given.get("--id"):
             folder.requested_id = request_id(folder, str(given["--id"]))
-        ex.observers[:] = [folder, *folder.databases]
+        ex.observers[:] = [folder, *folder.databases] + ([TensorBoardObserver(folder)] if config.get("tensorboard")
+                                                         else [])
 
     return attach
 

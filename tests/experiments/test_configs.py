@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from experiments.tracking.config import RunConfig
+
 EXPERIMENTS = ("rnn_search", "cnn_search", "rnn_train", "cnn_train")
-# Keys the experiment or the shared run loop reads itself, not through a dataclass.
-RUN_KEYS = {"data_dir", "seed", "device", "threads", "resume", "time_limit", "epochs", "genotype_from"}
+# Keys the experiment or the shared run loop reads itself, not through a dataclass it fills (RunConfig's), and a
+# training's genotype.
+RUN_KEYS = {field.name for field in dataclasses.fields(RunConfig)} | {"genotype_from"}
 
 
 def sacred_defaults(ex: Any, named: str | None = None) -> dict[str, Any]:
@@ -19,7 +22,7 @@ def sacred_defaults(ex: Any, named: str | None = None) -> dict[str, Any]:
         config.update(scope(preset=config))
     if named is not None:
         config.update(ex.named_configs[named](preset=config))
-    return dict(config)
+    return {key: value for key, value in config.items() if key != "__doc__"}  # Sacred's docstring key: not a value
 
 
 def dataclass_defaults(module: Any) -> dict[str, tuple[str, Any]]:

@@ -375,3 +375,15 @@ def test_duration(seconds: float, coarse: bool, text: str) -> None:
 def test_running_status_says_when_the_heartbeat_is_old(age: float, expected: str) -> None:
     run = Run(path=Path("1"), run={"status": "RUNNING", "heartbeat": _iso(NOW - timedelta(seconds=age))})
     assert status(run, NOW, stale_after=600) == expected
+
+
+def test_the_unigram_floor_is_drawn_on_the_valid_perplexity_curves_only(tmp_path: Path) -> None:
+    for k, unigram in enumerate((687.0, 687.0, 120.5), start=1):  # two runs on one corpus, one on another
+        write_run(tmp_path / "runs" / str(k), "rnn_search", {"epochs": 3},
+                  per_epoch={"train_ppl": [900.0, 700.0, 600.0], "valid_ppl": [800.0, 650.0, 500.0]},
+                  info={"unigram_valid_ppl": unigram})
+    result = report.build_report([tmp_path / "runs"], tmp_path / "out")
+    [plot] = [p for p in result.plots if p.file == "curves_ppl.png"]
+    assert [label for label in plot.panels["valid_ppl"] if label.startswith("unigram")] == [
+        "unigram 120.5", "unigram 687"]
+    assert not [label for label in plot.panels["train_ppl"] if label.startswith("unigram")]

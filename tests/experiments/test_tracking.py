@@ -247,3 +247,31 @@ def test_sigterm_ends_a_run_as_interrupted_with_the_resume_command_and_the_resum
     resumed = run_experiment("rnn_search", *args, f"epochs={done + 1}", interrupted["resume"], runs=tmp_path / "runs")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.metrics(2)["valid_ppl"]["steps"] == list(range(1, done + 2))
+
+
+def test_tensorboard_event_files_hold_every_metric_of_the_run(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_corpus(tmp_path / "corpus")
+    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY, "epochs=2",
+                            "tensorboard=True", runs=tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(result.run_dir() / "tensorboard"))
+    events.Reload()
+    metrics = result.metrics()
+    assert set(events.Tags()["scalars"]) == set(metrics)
+    for name, series in metrics.items():
+        logged = events.Scalars(name)
+        assert [e.step for e in logged] == series["steps"], name
+        assert [e.value for e in logged] == pytest.approx(series["values"], rel=1e-6), name
+
+
+def test_tensorboard_without_its_package_is_one_line_before_the_run(monkeypatch) -> None:
+    from experiments.tracking import config
+
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"tensorboard=True needs the tensorboard package: pip install "
+                                          r"'darts-toolkit\[tensorboard\]'"):
+        config.RunConfig(seed=0, epochs=1, device="cpu", threads=0, resume=None, time_limit=None, data_dir=None,
+                         tensorboard=True)
