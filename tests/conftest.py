@@ -58,7 +58,7 @@ class RunResult:
 def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, env: dict | None = None) -> RunResult:
     """`python -m experiments.<module> ARGS` in a subprocess with its runs under `runs`."""
     full_env = {**os.environ, "DARTS_RUNS_DIR": str(runs), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                **(env or {})}
+                "OMP_NUM_THREADS": str(threads_per_test()), **(env or {})}  # what threads=0 takes
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return RunResult(proc.returncode, proc.stdout, proc.stderr, runs)
@@ -73,9 +73,16 @@ def assert_printed_config(module: str, args: tuple[str, ...], lines: tuple[str, 
         assert re.search(rf"^\s*{re.escape(line)}(\s|$)", result.stdout, re.MULTILINE), line
 
 
+def threads_per_test() -> int:
+    """Torch threads per test process: DARTS_TEST_THREADS, else the cores shared out among pytest-xdist's workers
+    (at most 2 each), so that workers never oversubscribe the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return int(os.environ.get("DARTS_TEST_THREADS", max(1, min(2, (os.cpu_count() or 1) // workers))))
+
+
 @pytest.fixture(autouse=True)
 def _small_thread_pool() -> None:
-    torch.set_num_threads(int(os.environ.get("DARTS_TEST_THREADS", min(2, os.cpu_count() or 1))))
+    torch.set_num_threads(threads_per_test())
 
 
 @pytest.fixture(autouse=True)
