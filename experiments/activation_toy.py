@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.tracking.experiment import experiment_main, make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment, run_commandline
 from shared.activation_toy import darts, name, reinforce, rewards, toy_data
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
@@ -89,4 +89,4 @@ def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

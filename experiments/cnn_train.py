@@ -13,7 +13,7 @@ from cnn_darts.data import ImageDataConfig, load_images
 from cnn_darts.network import NetworkConfig
 from cnn_darts.train import CNNTrainTask, TrainConfig
 from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, add_shared_config, config_values
-from experiments.tracking.experiment import experiment_main, make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment, run_commandline
 from experiments.tracking.runs import record_training
 from shared.device import resolve_device
 from shared.genotypes import CNNGenotype
@@ -82,4 +82,4 @@ def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

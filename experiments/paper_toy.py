@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.tracking.experiment import experiment_main, make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment, run_commandline
 from shared.bilevel import ORDERS
 from shared.errors import ConfigError
 from shared.toy import fixed_point, solve
@@ -65,4 +65,4 @@ def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

@@ -32,7 +32,7 @@ from typing import Any
 
 # experiments.tracking first: its package silences sacred 0.8.7's pkg_resources warning before sacred is imported.
 from experiments.tracking.errors import OneLineParser, RunError
-from experiments.tracking.database import export_runs, is_database_url, split_url
+from experiments.tracking.database import export_runs, is_database_url, shown_url, split_url
 from experiments.tracking.experiment import REPO_ROOT, SOURCE_PACKAGES, package_sources
 from experiments.tracking.observers import RunFolderObserver, runs_dir
 from experiments.tracking.folders import read_json
@@ -327,7 +327,7 @@ def reproduce(target: str, runs: Path) -> int:
             exported = export_runs(target, Path(folder))[0]
         except ConfigError as error:
             raise RecordError(str(error)) from None
-        return reproduce_record(replace(load_record(exported), origin=target), runs)
+        return reproduce_record(replace(load_record(exported), origin=shown_url(target)), runs)
 
 
 def reproduce_record(old: Record, runs: Path) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from experiments.tracking.config import RunConfig, add_shared_config, config_values
-from experiments.tracking.experiment import experiment_main, make_experiment
+from experiments.tracking.experiment import experiment_main, make_experiment, run_commandline
 from experiments.tracking.corpus import recorded_corpus
 from experiments.tracking.runs import record_training
 from rnn_darts.data import VocabularyConfig
@@ -90,4 +90,4 @@ def main(run: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

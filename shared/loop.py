@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,11 +159,17 @@ class Meter:
         return values
 
 
+# Read at import, before a Sacred run redirects stderr to capture it.
+_STARTED_ON_A_TERMINAL = sys.stderr is not None and sys.stderr.isatty()
+
+
 @functools.lru_cache(maxsize=1)
 def terminal() -> TextIO | None:
     """Where progress bars go: the controlling terminal, never stdout or stderr, which a run's captured output
     (cout.txt) or a batch job's log keeps (a bar's redrawn line would bury the epoch lines there); None without a
     terminal, and then no bars."""
+    if not _STARTED_ON_A_TERMINAL:  # a batch job, a pipe, a test's child process
+        return None
     try:
         return open("/dev/tty", "w", encoding="utf-8")  # noqa: SIM115 (open for the process's lifetime)
     except OSError:

@@ -29,7 +29,7 @@ from experiments.report.cells import cell_svg, genotype_cells
 from experiments.report.doc import Block, Heading, Image, Items, Para, Table, to_html, to_markdown
 from experiments.report.plots import Plot, alpha_heatmap, collapse_plot, curve_plots, early_stop
 from experiments.report.runs import Run, assign_labels, discover, load_run
-from experiments.tracking.database import export_runs, is_database_url
+from experiments.tracking.database import export_runs, is_database_url, shown_url
 from experiments.tracking.errors import OneLineParser
 from experiments.report.tables import NONE, RUN_HEADER, config_differences, failure, genotype_changes, run_row, utc_now
 from shared.errors import ConfigError
@@ -205,11 +205,6 @@ def build_report(paths: list[Path | str], out: Path, now: datetime | None = None
             except ConfigError as error:
                 raise ReportError(str(error)) from None
         return _build(folders, [shown_url(str(p)) for p in paths], out, now, stale_after)
-
-
-def shown_url(text: str) -> str:
-    """A path or URL as the report shows it: without a password."""
-    return re.sub(r"://[^/@]*@", "://", text) if is_database_url(text) else text
 
 
 def _build(paths: list[Path], shown: list[str], out: Path, now: datetime | None, stale_after: float) -> Report:

@@ -8,10 +8,11 @@ Sacred.
 - `runs`: what a search or a training does around its task: resume, the epoch loop, results.
 - `corpus`: the RNN experiments' corpus, its tokenizer and out-of-vocabulary shares recorded with the run.
 - `folders`: reading a run folder's JSON files (the report and `reproduce` alike).
+- `observers`: where a run is recorded: its folder and, for a team, MongoDB (`mongo`) or SQL (`sql`) databases,
+  one run id in all; `database`: database runs read back as run folders.
 
-Runs go to a FileStorageObserver under `runs/` (env DARTS_RUNS_DIR moves it); with env DARTS_MONGO_URL set (e.g.
-mongodb://host:27017) a MongoObserver records them too (database: env DARTS_MONGO_DB, default `darts`). Sacred's
-own `-F DIR` / `-m URL` flags add further observers.
+Runs go to runs/<id> (env DARTS_RUNS_DIR or `-F DIR` moves it); env DARTS_MONGO_URL / DARTS_SQL_URL or the flags
+`-m URL` / `-s URL` record them in a database too (`observers`).
 """
 import warnings
 

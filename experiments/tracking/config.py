@@ -54,6 +54,8 @@ class RunConfig:
                               "'darts-toolkit[tensorboard]', or leave tensorboard off")
 
 
+SACRED_DOC = "__doc__"  # Sacred's own key: a named config's docstring, which print_config shows above the config
+
 # Keys that name files or folders: Sacred reads `data_dir=123` (a folder named like a number) as an int.
 PATH_KEYS = ("data_dir", "resume", "genotype_from")
 
@@ -67,12 +69,11 @@ def scope_keys(ex: Any) -> set[str]:
 
 
 def run_values(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config as the experiment reads it: the path keys given as numbers (`data_dir=123`) as strings."""
-    return {**config, **{key: str(config[key]) for key in PATH_KEYS
-                         if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}}
-
-
-SACRED_DOC = "__doc__"  # Sacred's own key: a named config's docstring, which print_config shows above the config
+    """A run's config as the experiment reads it (and its checkpoints keep): the path keys given as numbers
+    (`data_dir=123`) as strings, without Sacred's docstring key (a docstring edit must not block a resume)."""
+    return {**{key: value for key, value in config.items() if key != SACRED_DOC},
+            **{key: str(config[key]) for key in PATH_KEYS
+               if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}}
 
 
 def check_config(config: dict[str, Any], known: set[str], configs: tuple[Any, ...], renamed: dict[str, str]

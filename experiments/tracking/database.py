@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +44,11 @@ def is_database_url(text: str) -> bool:
     return "://" in text
 
 
+def shown_url(text: str) -> str:
+    """A path or URL as messages and records show it: without its user and password."""
+    return re.sub(r"://[^/@]*@", "://", text) if is_database_url(text) else text
+
+
 def split_url(text: str) -> tuple[str, list[str] | None]:
     """(URL, the run ids after '#', or None for every run)."""
     url, hash_mark, selection = text.partition("#")
@@ -58,15 +64,16 @@ def read_database(text: str) -> list[StoredRun]:
     if scheme.startswith("mongodb"):
         from experiments.tracking.mongo import connect, read_runs
 
-        client, database, _ = connect(url, url)
+        client, database, _ = connect(url, shown_url(url))
         stored = read_runs(client, database, ids)
     else:
         from experiments.tracking.observers import sql_module
 
-        stored = sql_module(url).read_runs(url, ids)
+        stored = sql_module(shown_url(url)).read_runs(url, ids)
     missing = [i for i in ids or [] if i not in {s.run_id for s in stored}]
     if missing:
-        raise ConfigError(f"{url}: holds no run {', '.join(missing)}: name runs it holds after '#', or none for all")
+        raise ConfigError(f"{shown_url(url)}: holds no run {', '.join(missing)}: name runs it holds after '#', or "
+                          f"none for all")
     return stored
 
 

@@ -5,7 +5,7 @@ import argparse
 import functools
 from typing import Any, Callable
 
-from sacred.utils import SacredError, SacredInterrupt
+from sacred.utils import SacredError
 
 from shared.errors import UserFacingError
 
@@ -17,8 +17,10 @@ class RunError(SacredError):
         super().__init__(message, print_traceback=False)
 
 
-class Terminated(RunError, SacredInterrupt):
-    """SIGTERM (a batch scheduler's stop, `kill`): printed as one line, and the run is recorded as INTERRUPTED."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, `kill`), raised where the run is: a KeyboardInterrupt, so that no
+    `except Exception` on the way (Sacred's observer calls, a data loader's) swallows or rewords it; Sacred records
+    the run as INTERRUPTED and `run_commandline` prints it as one line."""
 
     STATUS = "INTERRUPTED"
 

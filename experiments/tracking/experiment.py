@@ -5,6 +5,7 @@ import contextlib
 import numbers
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -85,6 +86,15 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
         return ex.main(user_errors(main))
 
     return register
+
+
+def run_commandline(ex: Experiment) -> None:
+    """`ex.run_commandline()`, with a SIGTERM's stop printed as one line (exit status 1)."""
+    try:
+        ex.run_commandline()
+    except Terminated as stop:
+        print(f"{type(stop).__name__}: {stop}", file=sys.stderr)
+        sys.exit(1)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import Any
 from sacred.observers import MongoObserver
 from sacred.observers.mongo import get_pattern, parse_mongo_db_arg
 
-from experiments.tracking.database import StoredRun, iso
+from experiments.tracking.database import StoredRun, iso, shown_url
 from shared.errors import ConfigError
 
 SERVER_TIMEOUT_MS = 5000  # how long a start waits for an unreachable server before saying so
@@ -56,8 +56,8 @@ def connect(url: str, source: str) -> tuple[Any, str, str]:
             address, database = sacred_form.get("url", "localhost:27017"), sacred_form.get("db_name", database)
         client = pymongo.MongoClient(address, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS)
     except (PyMongoError, ValueError, TypeError) as error:
-        raise ConfigError(f"{source}: {url!r} is not a MongoDB URL ({error})") from None
-    where = f"{url} (database {database})"
+        raise ConfigError(f"{source}: {shown_url(url)!r} is not a MongoDB URL ({error})") from None
+    where = f"{shown_url(url)} (database {database})"
     try:
         client.admin.command("ping")
     except PyMongoError as error:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from sacred.observers import FileStorageObserver, RunObserver
 
+from experiments.tracking.database import shown_url
 from shared.errors import ConfigError
 
 RUN_ID_PRIORITY = 10_000  # above every database observer: the folder observer starts first and picks the id
@@ -131,7 +132,8 @@ class TensorBoardObserver(RunObserver):
         self.writer.flush()
 
     def completed_event(self, *args: Any, **kwargs: Any) -> None:
-        self.writer.close()
+        if self.writer is not None:  # None when an earlier observer's start failed
+            self.writer.close()
 
     interrupted_event = failed_event = completed_event
 
@@ -163,7 +165,7 @@ def add_observers(ex: Any) -> Callable[[dict[str, Any]], None]:
         check_runs_folder(folder_path, fix)
         folder = RunFolderObserver(folder_path)
         folder.databases = environment_observers() + [
-            database_observer(given[flag], f"{short} {given[flag]}")
+            database_observer(given[flag], f"{short} {shown_url(given[flag])}")
             for flag, short in (("--mongo_db", "-m"), ("--sql", "-s")) if given.get(flag)]
         if given.get("--id"):
             folder.requested_id = request_id(folder, str(given["--id"]))

@@ -18,9 +18,10 @@ import sqlalchemy as sa
 warnings.filterwarnings("ignore", message=r"The ``declarative_base\(\)`` function is now available")  # sacred's
 from sacred.observers import SqlObserver  # noqa: E402 (after the filter: importing sql_bases warns)
 from sacred.observers import sql_bases as tables  # noqa: E402
+from sacred.serializer import flatten  # noqa: E402
 from sqlalchemy.orm import scoped_session, sessionmaker  # noqa: E402
 
-from experiments.tracking.database import StoredRun, iso  # noqa: E402
+from experiments.tracking.database import StoredRun, iso, shown_url  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 
 CONNECT_TIMEOUT_S = 5
@@ -66,10 +67,23 @@ class SqlRuns(SqlObserver):
         self.session.commit()
         return found
 
+    def heartbeat_event(self, info: dict[str, Any], captured_out: str, beat_time: Any, result: Any) -> None:
+        """Sacred calls this from its timer thread, whose scoped session does not hold the run's row (Sacred's own
+        commit there saves nothing): one UPDATE through the engine instead."""
+        values = {"info": json.dumps(flatten(info)), "captured_out": captured_out, "heartbeat": beat_time,
+                  "result": result}
+        with self.lock, self.engine.begin() as connection:
+            connection.execute(sa.update(tables.Run).where(tables.Run.run_id == self.run_key).values(**values))
+
+    def started_event(self, *args: Any, **kwargs: Any) -> Any:
+        run_id = super().started_event(*args, **kwargs)
+        self.run_key = str(run_id)
+        return run_id
+
     def log_metrics(self, metrics_by_name: dict[str, Any], info: dict[str, Any]) -> None:
         with self.lock:
             with self.engine.begin() as connection:
-                rows = [{"run_id": self.run.run_id, "name": name, "step": int(step), "value": float(value),
+                rows = [{"run_id": self.run_key, "name": name, "step": int(step), "value": float(value),
                          "timestamp": stamp}
                         for name, series in metrics_by_name.items()
                         for step, value, stamp in zip(series["steps"], series["values"], series["timestamps"])]
@@ -99,8 +113,8 @@ def make_engine(url: str, source: str) -> sa.engine.Engine:
     driver or a database that cannot be reached."""
     try:
         parsed = engine_url(url)
-    except sa.exc.ArgumentError as error:
-        raise ConfigError(f"{source}: {url!r} is not a database URL ({error})") from None
+    except (sa.exc.ArgumentError, ValueError) as error:
+        raise ConfigError(f"{source}: {shown_url(url)!r} is not a database URL ({error})") from None
     shown = parsed.render_as_string(hide_password=True)
     connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() == "postgresql" else {}
     try:
@@ -127,7 +141,7 @@ def sql_observer(url: str, source: str) -> SqlRuns:
 
 def read_runs(url: str, ids: list[str] | None = None) -> list[StoredRun]:
     """The runs of a SQL database (or those of `ids`) with their metrics, artifacts and sources."""
-    engine = make_engine(url, url)
+    engine = make_engine(url, shown_url(url))
     stored = []
     with sessionmaker(bind=engine)() as session:
         query = session.query(tables.Run).order_by(tables.Run.id)

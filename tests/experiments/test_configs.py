@@ -71,3 +71,11 @@ def test_a_checkpoint_from_before_a_key_was_added_resumes_only_with_the_old_beha
         check_resume_config(saved, {**saved, "vocab_size": None, "min_frequency": 2})
     with pytest.raises(ConfigError, match="strategy: checkpoint None, now 'random'"):
         check_resume_config(saved, {**saved, "strategy": "random"})
+
+
+def test_sacreds_docstring_key_stays_out_of_the_run_values_and_so_out_of_checkpoints() -> None:
+    from experiments.tracking.config import check_resume_config, run_values
+
+    values = run_values({"seed": 3, "__doc__": "About a minute", "data_dir": 123})
+    assert values == {"seed": 3, "data_dir": "123"}
+    check_resume_config({"seed": 3}, run_values({"seed": 3, "__doc__": "a docstring edited since"}))

@@ -230,10 +230,17 @@ def test_sigterm_ends_a_run_as_interrupted_with_the_resume_command_and_the_resum
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "DARTS_RUNS_DIR": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"})
     info = tmp_path / "runs" / "1" / "info.json"
+
+    def epochs_done() -> int:
+        try:  # the heartbeat rewrites info.json in place: a read may catch it half written
+            return json.loads(info.read_text()).get("epochs_done", 0)
+        except (OSError, ValueError):
+            return 0
+
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (info.is_file() and json.loads(info.read_text() or "{}").get(
-            "epochs_done", 0) >= 1):
+    while time.monotonic() < deadline and epochs_done() < 1:
         time.sleep(0.5)
+    assert epochs_done() >= 1, "the run finished no epoch within 300 s"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr
