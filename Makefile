@@ -16,4 +16,4 @@ lint: install
 	$(PYTHON) -m ruff check .
 
 test: install lint
-	$(PYTHON) -m pytest -q -n 2  # two workers (pytest-xdist): most tests wait on one-core child processes
+	$(PYTHON) -m pytest -q
