@@ -1,6 +1,6 @@
 """DARTS convolutional-cell search on CIFAR-10, tracked by Sacred.
 
-    python -m experiments.cnn_search with smoke                   # about a minute on a CPU
+    python -m experiments.cnn_search with smoke                   # about 2.5 minutes on a 2-core CPU
     python -m experiments.cnn_search with paper device=cuda       # the paper's search (second order, 50 epochs)
     python -m experiments.cnn_search with smoke resume=runs/7     # continue run 7 from its last checkpoint
     python -m experiments.cnn_search print_config                 # every option, commented
@@ -56,7 +56,7 @@ add_shared_config(ex, search=True, images=True)  # device, threads, resume, time
 
 @ex.named_config
 def smoke() -> None:
-    """About a minute on a 2-core CPU: a tiny supernet, second order, 2 epochs of 8 steps on 512 images."""
+    """About 2.5 minutes on a 2-core CPU: a tiny supernet, second order, 2 epochs of 8 steps on 512 images."""
     order = "second"
     epochs = 2
     batch_size = 32

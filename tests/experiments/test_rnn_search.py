@@ -17,11 +17,16 @@ TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "emsize=12", "nhid=12", "
         "train_tokens=None", "threads=1")
 
 
-def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
+def tiny_data(tmp_path: Path) -> Path:
+    """The generated corpus under `tmp_path` (written when missing)."""
     corpus = tmp_path / "corpus"
     if not corpus.exists():
         write_corpus(corpus)
-    return run_experiment("rnn_search", "with", "smoke", f"data_dir={corpus}", *TINY, *args,
+    return corpus
+
+
+def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
+    return run_experiment("rnn_search", "with", "smoke", f"data_dir={tiny_data(tmp_path)}", *TINY, *args,
                           runs=runs or tmp_path / "runs")
 
 

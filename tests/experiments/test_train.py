@@ -20,6 +20,7 @@ from tests.experiments import test_cnn_search, test_rnn_search
 class Space:
     name: str  # rnn | cnn
     tiny_search: Callable[..., RunResult]  # (tmp_path, *args, runs=) -> a search run on generated data
+    tiny_data: Callable[[Path], Path]  # tmp_path -> the generated data folder
     tiny: tuple[str, ...]  # the smoke config shrunk to the generated data
     curves: tuple[str, ...]  # metrics logged every epoch
     test_metric: str
@@ -30,18 +31,15 @@ class Space:
         return f"{self.name}_train"
 
     def data_dir(self, tmp_path: Path) -> Path:
-        """The generated data the tiny search wrote (written by a one-epoch search when missing)."""
-        folder = tmp_path / ("corpus" if self.name == "rnn" else "cifar10")
-        if not folder.exists():
-            self.tiny_search(tmp_path, "epochs=1", runs=tmp_path / "data-runs")
-        return folder
+        """The generated data the tiny search reads (written when missing)."""
+        return self.tiny_data(tmp_path)
 
     def train(self, tmp_path: Path, *args: str, runs: Path | None = None) -> RunResult:
         return run_experiment(self.module, "with", "smoke", f"data_dir={self.data_dir(tmp_path)}", *self.tiny, *args,
                               runs=runs or tmp_path / "runs")
 
 
-RNN = Space("rnn", test_rnn_search.tiny_search,
+RNN = Space("rnn", test_rnn_search.tiny_search, test_rnn_search.tiny_data,
             ("batch_size=4", "eval_batch_size=3", "test_batch_size=2", "bptt=6", "max_seq_len_delta=3", "emsize=12",
              "nhid=12", "train_tokens=None", "eval_tokens=None", "threads=1"),
             ("train_loss", "train_ppl", "valid_loss", "valid_ppl", "averaged", "epoch_time"), "test_ppl",
@@ -49,7 +47,7 @@ RNN = Space("rnn", test_rnn_search.tiny_search,
              "weight_decay = 8e-07", "grad_clip = 0.25", "nonmono = 5", "emsize = 850", "nhid = 850",
              "dropout = 0.75", "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.1",
              "bptt = 35", "test_batch_size = 1"))
-CNN = Space("cnn", test_cnn_search.tiny_search,
+CNN = Space("cnn", test_cnn_search.tiny_search, test_cnn_search.tiny_data,
             ("train_images=None", "valid_images=12", "test_images=None", "batch_size=8", "init_channels=4",
              "layers=3", "threads=1"),
             ("train_loss", "train_acc", "valid_loss", "valid_acc", "drop_path_prob", "epoch_time"), "test_acc",
