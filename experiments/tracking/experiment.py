@@ -76,6 +76,7 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
     """
     def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
         def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
+            keep_last_output(_run)
             with interruptions_recorded(_run):
                 details = body(_run, run_values(_config), _log)
             _run.info["result"] = details
@@ -97,6 +98,24 @@ def run_commandline(ex: Experiment) -> None:
         sys.exit(1)
 
 
+def keep_last_output(run: Any) -> None:
+    """Sacred reads a run's captured output for the last time while its `tee` may not yet have written the last lines
+    (the result, "Completed after", an interruption's): the rest, read when the capture closes, is added before the
+    run's final events (completed, interrupted, failed) send it to the observers."""
+    stop_heartbeat = run._stop_heartbeat  # called after the capture closed, before each final event
+
+    def add_rest_then_stop() -> None:
+        output = run._output_file
+        rest = getattr(output, "final", None)
+        if rest:
+            output.final = None  # read once
+            text = (run.captured_out or "") + rest
+            run.captured_out = run.captured_out_filter(text) if run.captured_out_filter else text
+        stop_heartbeat()
+
+    run._stop_heartbeat = add_rest_then_stop
+
+
 @contextlib.contextmanager
 def interruptions_recorded(run: Any) -> Iterator[None]:
     """SIGTERM ends the run as Ctrl-C does, recorded as INTERRUPTED (not left RUNNING); either way run info
@@ -115,7 +134,6 @@ def interruptions_recorded(run: Any) -> Iterator[None]:
         resume = f"resume={Path(checkpoint).parent}" if checkpoint else None
         run.info["interrupted"] = {"by": "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C",
                                    "after_epoch": done, "resume": resume}
-        run._get_captured_output()  # Sacred reads the output only after this, when its capture is closed: now
         if isinstance(stop, Terminated):
             where = f"resume with {resume}" if resume else "no epoch had finished: start it again"
             raise Terminated(f"stopped by SIGTERM after epoch {done}: {where}") from None
