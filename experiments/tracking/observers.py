@@ -10,6 +10,7 @@ so the per-epoch genotype and checkpoint replace their last version instead of p
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,7 @@ def database_observer(url: str, source: str) -> Any:
     """A MongoDB or SQL observer for `url`, connected and checked; a missing driver, a malformed URL or an
     unreachable server is one ConfigError naming `source` (the variable or flag the URL came from)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme in MONGO_SCHEMES or (not scheme and source.startswith("-m")):
+    if scheme in MONGO_SCHEMES or (not scheme and source.split()[0] in ("-m", "DARTS_MONGO_URL")):  # host:port:db
         from experiments.tracking.mongo import mongo_observer
 
         return mongo_observer(url, source)
@@ -177,6 +178,8 @@ def add_observers(ex: Any) -> Callable[[dict[str, Any]], None]:
 
 def request_id(folder: RunFolderObserver, text: str) -> int | str:
     """The id `-i` asks for, unless a run folder or a database already holds it."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text) is None:  # a folder name, and the SQL tables' 24 characters
+        raise ConfigError(f"-i {text!r}: a run id is 1-24 letters, digits, '.', '_' or '-'")
     run_id = int(text) if text.isdigit() else text
     where = folder.taken(run_id)
     if where is not None:

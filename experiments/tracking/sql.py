@@ -108,18 +108,27 @@ def engine_url(url: str) -> sa.engine.URL:
     return parsed
 
 
-def make_engine(url: str, source: str) -> sa.engine.Engine:
-    """A connected engine with Sacred's tables and ours made; ConfigError (one line) for a malformed URL, a missing
-    driver or a database that cannot be reached."""
+def make_engine(url: str, source: str, create: bool = True) -> sa.engine.Engine:
+    """A connected engine; with `create`, Sacred's tables and ours are made, else the database must already hold
+    runs (reading never writes). ConfigError (one line) for a malformed URL, a missing driver, a database that cannot
+    be reached or, when reading, one that holds no runs."""
     try:
         parsed = engine_url(url)
     except (sa.exc.ArgumentError, ValueError) as error:
         raise ConfigError(f"{source}: {shown_url(url)!r} is not a database URL ({error})") from None
     shown = parsed.render_as_string(hide_password=True)
-    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() == "postgresql" else {}
+    backend = parsed.get_backend_name()
+    if not create and backend == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():
+        raise ConfigError(f"{source}: no SQLite database at {parsed.database}: check the path")
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if backend == "postgresql" else {}
     try:
         engine = sa.create_engine(parsed, connect_args=connect_args)
-        tables.Base.metadata.create_all(engine)
+        if create:
+            tables.Base.metadata.create_all(engine)
+        elif not sa.inspect(engine).has_table(tables.Run.__tablename__):
+            raise ConfigError(f"{source}: the database {shown} holds no runs (no {tables.Run.__tablename__!r} "
+                              f"table): check the URL")
     except sa.exc.NoSuchModuleError:
         raise ConfigError(f"{source}: SQLAlchemy knows no database {parsed.drivername!r}: use postgresql://, "
                           f"sqlite:/// or another SQLAlchemy URL") from None
@@ -141,13 +150,14 @@ def sql_observer(url: str, source: str) -> SqlRuns:
 
 def read_runs(url: str, ids: list[str] | None = None) -> list[StoredRun]:
     """The runs of a SQL database (or those of `ids`) with their metrics, artifacts and sources."""
-    engine = make_engine(url, shown_url(url))
-    stored = []
+    engine = make_engine(url, shown_url(url), create=False)
+    stored, metric_table = [], sa.inspect(engine).has_table(Metric.__tablename__)  # none in Sacred's own schema
     with sessionmaker(bind=engine)() as session:
         query = session.query(tables.Run).order_by(tables.Run.id)
         for run in query if ids is None else query.filter(tables.Run.run_id.in_(ids)):
             stored.append(StoredRun(run.run_id, _entry(run), json.loads(run.config or "{}"),
-                                    json.loads(run.info or "{}"), _metrics(session, run.run_id),
+                                    json.loads(run.info or "{}"),
+                                    _metrics(session, run.run_id) if metric_table else {},
                                     {a.filename: bytes(a.content) for a in run.artifacts},
                                     {s.filename: s.content.encode() for s in run.experiment.sources},
                                     run.captured_out or ""))

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -75,16 +76,14 @@ def test_a_run_from_a_database_reproduces_and_says_where_it_came_from(tmp_path: 
     url = f"sqlite:///{tmp_path / 'team.db'}"
     first = run_experiment("paper_toy", "with", "smoke", runs=tmp_path / "runs", env={"DARTS_SQL_URL": url})
     assert first.returncode == 0, first.stderr
-    again = subprocess.run([sys.executable, "-m", "experiments.reproduce", f"{url}#1", "--runs-dir",
-                            str(tmp_path / "again")], capture_output=True, text=True, timeout=300,
-                           cwd=Path(__file__).resolve().parents[2])
+    again = run_experiment("reproduce", f"{url}#1", "--runs-dir", str(tmp_path / "again"), runs=tmp_path / "runs",
+                           timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "IDENTICAL" in again.stdout.upper()
     info = json.loads((tmp_path / "again" / "1" / "info.json").read_text())
     assert info["reproduces"]["run"] == f"{url}#1"
     for target, words in ((url, "names no runs"), (f"{url}#9", "holds no run 9")):
-        refused = subprocess.run([sys.executable, "-m", "experiments.reproduce", target], capture_output=True,
-                                 text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        refused = run_experiment("reproduce", target, runs=tmp_path / "runs", timeout=120)
         assert refused.returncode == 2 and words in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -103,6 +102,8 @@ def test_one_id_per_run_free_in_the_folder_and_in_the_database(tmp_path: Path) -
     taken = run_experiment("paper_toy", "with", "steps=5", "-i", "1", runs=tmp_path / "b", env=env)
     assert taken.returncode != 0 and "run id 1 is already used by the database" in taken.stderr
     assert "Traceback" not in taken.stderr and not (tmp_path / "b" / "1").exists()
+    odd = run_experiment("paper_toy", "with", "steps=5", "-i", "../x", runs=tmp_path / "b", env=env)
+    assert odd.returncode != 0 and "-i '../x': a run id is 1-24 letters" in odd.stderr, odd.stderr
     chosen = run_experiment("paper_toy", "with", "steps=5", "-i", "20", runs=tmp_path / "b", env=env)
     assert chosen.returncode == 0 and chosen.run_dir().name == "20", chosen.stderr
     moved = run_experiment("paper_toy", "with", "steps=5", "-F", str(tmp_path / "elsewhere"), runs=tmp_path / "b")
@@ -152,6 +153,28 @@ def test_the_url_forms_users_type_are_understood() -> None:
     assert database.split_url("sqlite:///x.db") == ("sqlite:///x.db", None)
     from experiments.report import shown_url
     assert shown_url("postgresql://u:secret@h/db") == "postgresql://h/db"
+
+
+def test_a_mongo_address_without_a_scheme_is_understood_from_the_variable_and_the_flag(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(mongo, "mongo_observer", lambda url, source: seen.append((url, source)))
+    observers.database_observer("h:27017:db", "DARTS_MONGO_URL")
+    observers.database_observer("h:27017:db", "-m h:27017:db")
+    assert seen == [("h:27017:db", "DARTS_MONGO_URL"), ("h:27017:db", "-m h:27017:db")]
+    with pytest.raises(ConfigError, match="DARTS_SQL_URL: 'h:27017:db' is not a database URL"):
+        observers.database_observer("h:27017:db", "DARTS_SQL_URL")
+
+
+def test_reading_a_database_writes_nothing_and_one_without_runs_is_one_line(tmp_path: Path) -> None:
+    typo = tmp_path / "tema.db"
+    with pytest.raises(ConfigError, match=f"no SQLite database at {typo}: check the path"):
+        database.read_database(f"sqlite:///{typo}")
+    assert not typo.exists()  # reading never creates the file
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()
+    with pytest.raises(ConfigError, match="holds no runs \\(no 'run' table\\): check the URL"):
+        database.read_database(f"sqlite:///{other}")
+    assert table_rows(f"sqlite:///{other}", "select name from sqlite_master") == []  # no tables made
 
 
 @pytest.fixture
