@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +58,21 @@ class RunResult:
         return self.info(run_id)["result"]
 
 
-def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, env: dict | None = None) -> RunResult:
+def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, env: dict | None = None,
+                   new_interpreter: bool = False) -> RunResult:
     """`python -m experiments.<module> ARGS` in a child process with its runs under `runs`: forked from a server that
-    has imported everything once (tests/forkserver.py), which saves the interpreter start (~2 s) per run."""
+    has imported everything once (tests/forkserver.py), which saves the interpreter start (~2.5 s) per run. A new
+    interpreter instead with `new_interpreter`, for `reproduce` (it compares with a run made in another process, whose
+    hash seed differs) and when `env` sets a PYTHON* variable (read at an interpreter's start)."""
     global _server
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads_per_test())}
-    if _server is None:
-        _server = ForkServer(REPO, {**_START_ENV, **offline})
     full_env = {**os.environ, "DARTS_RUNS_DIR": str(runs), **offline, **(env or {})}  # OMP_NUM_THREADS: threads=0
+    if new_interpreter or module == "reproduce" or any(key.startswith("PYTHON") for key in env or {}):
+        proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        return RunResult(proc.returncode, proc.stdout, proc.stderr, runs)
+    if _server is None:
+        _server = ForkServer(REPO, {**_START_ENV, **offline}, Path(tempfile.gettempdir()) / "darts-fork-server.log")
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         try:
@@ -71,6 +80,10 @@ def run_experiment(module: str, *args: str, runs: Path, timeout: float = 600, en
         except TimeoutError:
             pytest.fail(f"experiments.{module} {' '.join(args)} ran past {timeout} s; it printed:\n"
                         f"{err.read_text(errors='replace')[-3000:]}")
+        except (RuntimeError, OSError):
+            _server.close()  # the next run starts a new server
+            _server = None
+            raise
         return RunResult(returncode, out.read_text(), err.read_text(), runs)
 
 
@@ -95,7 +108,8 @@ def assert_printed_config(module: str, args: tuple[str, ...], lines: tuple[str, 
 def threads_per_test() -> int:
     """Torch threads per test process (and per experiment it runs): DARTS_TEST_THREADS, else 2 (or 1 on one core).
     The suite runs one test at a time: two torch processes at once oversubscribe a 2-core machine."""
-    return int(os.environ.get("DARTS_TEST_THREADS", min(2, len(os.sched_getaffinity(0)))))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("DARTS_TEST_THREADS", min(2, usable)))
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import numbers
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,18 +103,24 @@ def keep_last_output(run: Any) -> None:
     """Sacred reads a run's captured output for the last time while its `tee` may not yet have written the last lines
     (the result, "Completed after", an interruption's): the rest, read when the capture closes, is added before the
     run's final events (completed, interrupted, failed) send it to the observers."""
-    stop_heartbeat = run._stop_heartbeat  # called after the capture closed, before each final event
+    stop_heartbeat, read = run._stop_heartbeat, run._get_captured_output  # the first: after the capture closed
+    lock = threading.Lock()  # a heartbeat reading at that moment must not write back its older text
+
+    def read_locked() -> None:
+        with lock:
+            read()
 
     def add_rest_then_stop() -> None:
-        output = run._output_file
-        rest = getattr(output, "final", None)
-        if rest:
-            output.final = None  # read once
-            text = (run.captured_out or "") + rest
-            run.captured_out = run.captured_out_filter(text) if run.captured_out_filter else text
+        with lock:
+            output = run._output_file
+            rest = getattr(output, "final", None)
+            if rest:
+                output.final = None  # read once
+                text = (run.captured_out or "") + rest
+                run.captured_out = run.captured_out_filter(text) if run.captured_out_filter else text
         stop_heartbeat()
 
-    run._stop_heartbeat = add_rest_then_stop
+    run._get_captured_output, run._stop_heartbeat = read_locked, add_rest_then_stop
 
 
 @contextlib.contextmanager

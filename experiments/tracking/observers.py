@@ -178,8 +178,8 @@ def add_observers(ex: Any) -> Callable[[dict[str, Any]], None]:
 
 def request_id(folder: RunFolderObserver, text: str) -> int | str:
     """The id `-i` asks for, unless a run folder or a database already holds it."""
-    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text) is None:  # a folder name, and the SQL tables' 24 characters
-        raise ConfigError(f"-i {text!r}: a run id is 1-24 letters, digits, '.', '_' or '-'")
+    if re.fullmatch(r"(?!\.+$)[A-Za-z0-9_.-]{1,24}", text) is None:  # a folder name; the SQL key's 24 characters
+        raise ConfigError(f"-i {text!r}: a run id is 1-24 letters, digits, '.', '_' or '-' (not only dots)")
     run_id = int(text) if text.isdigit() else text
     where = folder.taken(run_id)
     if where is not None:

@@ -149,8 +149,18 @@ def sql_observer(url: str, source: str) -> SqlRuns:
 
 
 def read_runs(url: str, ids: list[str] | None = None) -> list[StoredRun]:
-    """The runs of a SQL database (or those of `ids`) with their metrics, artifacts and sources."""
+    """The runs of a SQL database (or those of `ids`) with their metrics, artifacts and sources; ConfigError (one
+    line) when the database cannot be read as Sacred's tables."""
     engine = make_engine(url, shown_url(url), create=False)
+    try:
+        return _read(engine, ids)
+    except sa.exc.SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise ConfigError(f"{shown_url(url)}: cannot read runs from it ({reason}): is it a DARTS runs "
+                          f"database?") from None
+
+
+def _read(engine: sa.engine.Engine, ids: list[str] | None) -> list[StoredRun]:
     stored, metric_table = [], sa.inspect(engine).has_table(Metric.__tablename__)  # none in Sacred's own schema
     with sessionmaker(bind=engine)() as session:
         query = session.query(tables.Run).order_by(tables.Run.id)
