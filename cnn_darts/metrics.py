@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnn_darts.data import batches
+from shared import distributed
 from shared.loop import Meter
 
 
@@ -26,8 +27,12 @@ def progress_postfix(sums: dict[str, float]) -> dict[str, str]:
 def classify(logits_of: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, batch_size: int, split: str
              ) -> dict[str, float]:
     """`{split}_loss` and `{split}_acc` of `logits_of` (B, 3, H, W) -> (B, classes) over uint8 `images`
-    (N, 3, H, W), in order and unaugmented, the last batch included. Put the model in eval mode first."""
-    meter = Meter()
+    (N, 3, H, W), in order and unaugmented, the last batch included. Put the model in eval mode first. The processes
+    of a distributed run each read every world_size-th image, and the sums are theirs together (`Meter`)."""
+    processes = distributed.current()
+    images, labels = images[processes.rank::processes.world_size], labels[processes.rank::processes.world_size]
+    meter = Meter(check_every=len(labels) + 1)  # checked (summed over the processes) once, at the end: the
+    # processes' shares may differ by one image, and so by one batch
     for x, y in batches(images, labels, batch_size, torch.Generator(), shuffle=False, drop_last=False,
                         augment=False):
         logits = logits_of(x)

@@ -17,6 +17,7 @@ from torch import Tensor
 from cnn_darts.data import ImageData, batches, split_search
 from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
+from shared import distributed
 from shared.device import check_fits
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.collapse import CollapseConfig, eigen_metrics
@@ -83,13 +84,14 @@ class CNNSearchTask(SchedulerGeneratorState):
             raise ConfigError(f"batch_size={config.batch_size} exceeds a half of the {n} training images; "
                               f"lower batch_size or raise train_images")
         check_fits(lambda: Supernet(model_config), device, "init_channels, layers or steps")
-        self.model = Supernet(model_config).to(device)
+        self.model = distributed.prepare(Supernet(model_config), device)
+        self.rows = distributed.shard(config.batch_size, "batch_size")  # this process's part of every batch
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
                                      momentum=config.momentum, weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.5, 0.999),
                                     weight_decay=config.arch_weight_decay)
         self.engine = Bilevel(self.model, weight_opt, arch_opt,
-                              BilevelConfig(order=config.order, grad_clip=config.grad_clip))
+                              BilevelConfig(order=config.order, grad_clip=config.grad_clip), distributed.average_)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
@@ -120,12 +122,13 @@ class CNNSearchTask(SchedulerGeneratorState):
         return keep
 
     def reward(self, xa: Tensor, ya: Tensor) -> float:
-        """REINFORCE's reward for the cell set: its accuracy on the architecture batch, BatchNorm in eval mode."""
+        """REINFORCE's reward for the cell set: its accuracy on the architecture batch, BatchNorm in eval mode (over
+        the whole batch in a distributed run)."""
         self.model.eval()
         with torch.no_grad():
             accuracy = float((self.model(xa).argmax(1) == ya).float().mean())
         self.model.train()
-        return accuracy
+        return distributed.mean(accuracy)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         config = self.config
@@ -134,7 +137,8 @@ class CNNSearchTask(SchedulerGeneratorState):
         arch_batches = batches(*self.arch_data, config.batch_size, self.generator)
         steps = min(len(self.weight_data[1]), len(self.arch_data[1])) // config.batch_size
         progress = EpochProgress(steps, f"epoch {epoch}", progress_postfix)
-        for (x, y), (xa, ya) in zip(weight_batches, arch_batches):
+        for (x, y), (xa, ya) in zip(weight_batches, arch_batches):  # global batches: the same on every process
+            x, y, xa, ya = x[self.rows], y[self.rows], xa[self.rows], ya[self.rows]
             keep = self.train_step(x, y, xa, ya)
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()

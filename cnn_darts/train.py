@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cnn_darts.data import ImageData, batches
 from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.network import NetworkCIFAR, NetworkConfig
+from shared import distributed
 from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
@@ -98,7 +99,8 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
             raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(self.train_data[1])} training "
                               f"images; lower batch_size or raise train_images")
         check_fits(lambda: NetworkCIFAR(model_config, genotype), device, "init_channels or layers")
-        self.model = NetworkCIFAR(model_config, genotype).to(device)
+        self.model = distributed.prepare(NetworkCIFAR(model_config, genotype), device)
+        self.rows = distributed.shard(config.batch_size, "batch_size")  # this process's part of every batch
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs,
@@ -112,6 +114,7 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
         loss = F.cross_entropy(logits, y)
         total = loss if aux_logits is None else loss + self.config.auxiliary_weight * F.cross_entropy(aux_logits, y)
         total.backward()
+        distributed.average_([p.grad for p in self.model.parameters() if p.grad is not None])
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
@@ -121,13 +124,16 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
         self.model.train()
         self.model.drop_path_prob = config.drop_path_prob * (epoch - 1) / config.epochs
         # Every image every epoch, as the original's DataLoader; but a last batch of one image cannot be
-        # batch-normalised, so that one waits for the next epoch's shuffle.
+        # batch-normalised, so that one waits for the next epoch's shuffle, as does any last batch in a distributed
+        # run (its processes take equal shares of every batch).
         n = len(self.train_data[1])
-        drop_last = n % config.batch_size == 1
+        drop_last = n % config.batch_size == 1 or (distributed.current().several and n % config.batch_size != 0)
         steps = n // config.batch_size + (0 if drop_last or n % config.batch_size == 0 else 1)
         progress = EpochProgress(steps, f"epoch {epoch}", progress_postfix)
+        rows = self.rows
         for x, y in batches(*self.train_data, config.batch_size, self.generator, drop_last=drop_last,
-                            cutout_size=config.cutout_size):
+                            cutout_size=config.cutout_size):  # global batches: the same on every process
+            x, y = x[rows], y[rows]
             keep = self.train_step(x, y)
             progress.add(loss=keep["loss"] * len(y), correct=keep["correct"], images=len(y))
         self.scheduler.step()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnn_darts.data import get_batch
+from shared import distributed
 
 
 def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -45,8 +46,17 @@ def progress_postfix(sums: dict[str, float]) -> dict[str, str]:
 @torch.no_grad()
 def stream_loss(model: nn.Module, data: Tensor, bptt: int) -> float:
     """Mean cross entropy per token of `model` (eval mode) over a batchified stream (T, B): fixed `bptt` windows,
-    the hidden state carried from window to window. exp() of it is the perplexity."""
+    the hidden state carried from window to window. exp() of it is the perplexity. The processes of a distributed
+    run each take their own columns and average, when B splits evenly between them; else each reads all of it."""
     model.eval()
+    processes = distributed.current()
+    if processes.several and data.size(1) % processes.world_size == 0:
+        return distributed.mean(_stream_loss(model, data[:, distributed.shard(data.size(1), "batch")], bptt))
+    return _stream_loss(model, data, bptt)
+
+
+def _stream_loss(model: nn.Module, data: Tensor, bptt: int) -> float:
+    """`stream_loss` in this process alone (the model in eval mode)."""
     hidden = model.init_hidden(data.size(1))
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     for start in range(0, data.size(0) - 1, bptt):

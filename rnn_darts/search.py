@@ -8,6 +8,7 @@ also when it wraps around).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator
@@ -19,6 +20,7 @@ from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, ge
                             vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
+from shared import distributed
 from shared.device import check_fits
 from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
 from shared.collapse import CollapseConfig, eigen_metrics
@@ -29,7 +31,11 @@ from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
 from shared.validation import check_at_least, check_fields
 
+log = logging.getLogger(__name__)
 ARCH_DATA = ("valid", "train")
+# Fewer sequences per process than this, normalised apart, learn visibly slower: the PTB smoke (batch 16) on two
+# processes ends at valid ppl 675 instead of 557, as does one process normalising two halves (702).
+SMALL_SHARE = 32
 REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 
 
@@ -104,23 +110,32 @@ class RNNSearchTask:
         self.config, self.device, self.collapse = config, device, collapse
         self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train, arch, valid = split_streams(corpus, config)
-        self.train_data = batchify(train, config.batch_size, device)  # (T, B)
-        self.arch_data = batchify(arch, config.batch_size, device)  # (T', B)
-        self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval)
+        # A distributed run's processes each take their own columns of the global batch (the whole batch alone).
+        columns = distributed.shard(config.batch_size, "batch_size")
+        self.batch = columns.stop - columns.start  # this process's sequences per batch
+        processes = distributed.current()
+        if processes.several and not processes.sync_batch_norm and self.batch < SMALL_SHARE:
+            log.warning("each of the %d processes normalises its own %d sequences of every batch (the search cell's "
+                        "BatchNorm), which slows learning: sync_batch_norm=True normalises all %d as one process "
+                        "does", processes.world_size, self.batch, config.batch_size)
+        self.train_data = batchify(train, config.batch_size, device)[:, columns].contiguous()  # (T, b)
+        self.arch_data = batchify(arch, config.batch_size, device)[:, columns].contiguous()  # (T', b)
+        self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval): stream_loss shards it
         check_fits(lambda: RNNSupernet(model_config), device, "emsize, nhid or steps")
-        self.model = RNNSupernet(model_config).to(device)
+        model = RNNSupernet(model_config)
         if config.decoder_bias == "unigram":
             # With arch_data=valid, all of train (train_tokens caps the steps, not what the bias may know); with
             # arch_data=train, only the weight stream, so no architecture token leaks into the weights.
             source = corpus.train if config.arch_data == "valid" else train
             with torch.no_grad():
-                self.model.decoder.bias.copy_(log_unigram(source, model_config.ntoken))
+                model.decoder.bias.copy_(log_unigram(source, model_config.ntoken))
+        self.model = distributed.prepare(model, device)
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
                                      weight_decay=config.weight_decay)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
                                     weight_decay=config.arch_weight_decay)
         self.engine = Bilevel(self.model, weight_opt, arch_opt,
-                              BilevelConfig(order=config.order, grad_clip=config.grad_clip))
+                              BilevelConfig(order=config.order, grad_clip=config.grad_clip), distributed.average_)
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
         self.strategy = strategy_for(config.strategy, self.model, config.select_cells, seed, controller)
 
@@ -159,13 +174,13 @@ class RNNSearchTask:
 
     def reward(self, xa: Tensor, ya: Tensor) -> float:
         """REINFORCE's reward for the cell set: REWARD_C / perplexity on the architecture window (ENAS), no dropout,
-        from a zero state."""
+        from a zero state; the mean over the processes of a distributed run."""
         self.model.eval()
         with torch.no_grad():
             logits, *_ = self.model(xa, self.model.init_hidden(xa.size(1)))
             cross_entropy = float(language_model_loss(logits, ya))
         self.model.train()
-        return REWARD_C / math.exp(min(cross_entropy, 50.0))
+        return distributed.mean(REWARD_C / math.exp(min(cross_entropy, 50.0)))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         windows = self.epoch_windows()
@@ -184,7 +199,7 @@ class RNNSearchTask:
             return {}
         self.model.train()
         xa, ya = get_batch(self.arch_data, 0, self.config.bptt)
-        loss = self.loss(xa, ya, self.model.init_hidden(self.config.batch_size), False)
+        loss = self.loss(xa, ya, self.model.init_hidden(self.batch), False)
         return eigen_metrics(self.engine.alpha_hessian_eigen(loss, self.collapse.hessian_iterations,
                                                              self.collapse.hessian_tol))
 
@@ -196,13 +211,13 @@ class RNNSearchTask:
         """Search steps over `windows` from fresh hidden states; yields each window's length and cross entropy.
         Every step sets training mode first, so a caller may evaluate between steps."""
         config, model = self.config, self.model
-        hidden = arch_hidden = model.init_hidden(config.batch_size)
+        hidden = arch_hidden = model.init_hidden(self.batch)
         arch_pos = 0
         for start, seq_len in windows:
             model.train()
             x, y = get_batch(self.train_data, start, seq_len)
             if arch_pos + 1 >= self.arch_data.size(0):  # the architecture stream wraps around: restart its state
-                arch_pos, arch_hidden = 0, model.init_hidden(config.batch_size)
+                arch_pos, arch_hidden = 0, model.init_hidden(self.batch)
             xa, ya = get_batch(self.arch_data, arch_pos, config.bptt)
             arch_pos += xa.size(0)
             hidden, arch_hidden, cross_entropy = self.train_step(x, y, hidden, xa, ya, arch_hidden)

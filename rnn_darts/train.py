@@ -23,6 +23,7 @@ from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, ge
                             vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
+from shared import distributed
 from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
@@ -104,11 +105,13 @@ class RNNTrainTask(FixedGenotypeTask):
         self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
         valid = corpus.valid[:config.eval_tokens] if config.eval_tokens else corpus.valid
-        self.train_data = batchify(train, config.batch_size, device)  # (T, B)
+        columns = distributed.shard(config.batch_size, "batch_size")  # a distributed run's processes: their own
+        self.batch = columns.stop - columns.start
+        self.train_data = batchify(train, config.batch_size, device)[:, columns].contiguous()  # (T, b)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T', B_eval)
         self.test_data = batchify(corpus.test, config.test_batch_size, device)  # (T'', B_test)
         check_fits(lambda: RNNModel(model_config, genotype), device, "emsize or nhid")
-        self.model = RNNModel(model_config, genotype).to(device)
+        self.model = distributed.prepare(RNNModel(model_config, genotype), device)
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
@@ -127,6 +130,7 @@ class RNNTrainTask(FixedGenotypeTask):
         logits, hidden, outputs, _ = self.model(x, hidden)
         cross_entropy = language_model_loss(logits, y)
         (cross_entropy + tar(outputs, config.beta)).backward()
+        distributed.average_([p.grad for p in self.params])
         nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.optimizer.step()
         if self.average is not None:
@@ -136,7 +140,7 @@ class RNNTrainTask(FixedGenotypeTask):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         config, self.epoch = self.config, epoch
         self.model.train()
-        hidden = self.model.init_hidden(config.batch_size)
+        hidden = self.model.init_hidden(self.batch)
         windows = list(bptt_windows(self.train_data.size(0) - 1, config.bptt, self.windows, config.max_seq_len_delta))
         progress = EpochProgress(len(windows), f"epoch {epoch}", progress_postfix)
         for start, seq_len in windows:

@@ -225,7 +225,9 @@ class Bilevel:
             pieces = vector.to(alphas[0]).split(sizes)
             dot = sum((g * p.view_as(g)).sum() for g, p in zip(grads, pieces))
             hvp = torch.autograd.grad(dot, alphas, retain_graph=True, allow_unused=True, materialize_grads=True)
-            return torch.cat([h.reshape(-1) for h in hvp])
+            product = torch.cat([h.reshape(-1) for h in hvp])
+            self.reduce([product])  # every process iterates on the same vectors
+            return product
 
         return top_eigenvalue(product, sum(sizes), iterations, tol, torch.Generator().manual_seed(0))
 

@@ -6,17 +6,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from shared.distributed import launched
 from shared.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; 'cpu' and 'cuda[:N]' are taken as given."""
+    """'auto' picks CUDA when present, else CPU; 'cpu' and 'cuda[:N]' are taken as given, except that each process
+    torchrun starts takes its own GPU (cuda:LOCAL_RANK) for 'auto' and 'cuda'."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu" or name.startswith("cuda"):
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
-        return torch.device(name)
+        device = torch.device(name)
+        processes = launched()
+        return torch.device("cuda", processes.local_rank) if device == torch.device("cuda") and processes.several \
+            else device
     raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
 
 

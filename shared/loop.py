@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from shared import checkpoint
+from shared import checkpoint, distributed
 from shared.collapse import EarlyStop, StopDecision, alpha_metrics
 from shared.errors import UserFacingError
 from shared.genotypes import Genotype, from_dict, to_dict
@@ -151,8 +151,9 @@ class Meter:
             self.check()
 
     def check(self) -> dict[str, float]:
-        """The sums as floats; raises NonFiniteLoss when one is NaN or infinite."""
-        values = {name: float(total) for name, total in self.sums.items()}
+        """The sums as floats, over all processes of a distributed run (each sums its own shard); raises
+        NonFiniteLoss when one is NaN or infinite (on every process alike)."""
+        values = dict(zip(self.sums, distributed.totals([float(total) for total in self.sums.values()])))
         bad = {name: value for name, value in values.items() if not math.isfinite(value)}
         if bad:
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} by step {self.steps}")
@@ -205,12 +206,14 @@ class EpochProgress:
 
 def capture(task: EpochTask, epoch: int, history: list[EpochRecord], config: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to continue after `epoch`, as plain state dicts."""
+    streams = distributed.gather(checkpoint.rng_state())  # every process's random streams, by rank
     return {
         "epoch": epoch,
         "model": task.model.state_dict(),
         **{name: optimizer.state_dict() for name, optimizer in task.optimizers().items()},
         "task": task.state_dict(),
-        "rng": checkpoint.rng_state(),
+        "rng": streams[0],
+        **({"process_rng": streams} if len(streams) > 1 else {}),  # a distributed run's
         "history": [record.to_dict() for record in history],
         "genotype": to_dict(task.genotype()),
         "config": config,
@@ -225,8 +228,23 @@ def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
     task.model.load_state_dict(state["model"])
     for name, optimizer in task.optimizers().items():
         optimizer.load_state_dict(state[name])
-    checkpoint.set_rng_state(state["rng"])
+    _restore_random_streams(state)
     return [EpochRecord.from_dict(record) for record in state["history"]]
+
+
+def _restore_random_streams(state: dict[str, Any]) -> None:
+    """Each process continues its own random streams (dropout masks); a process the checkpoint holds none for (a
+    run resumed on more processes than it had) keeps the streams it was seeded with."""
+    streams = state.get("process_rng") or [state["rng"]]
+    rank = distributed.current().rank
+    if rank < len(streams):
+        checkpoint.set_rng_state(streams[rank])
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Process 0 writes the checkpoint (the others' state is the same: they stay identical)."""
+    if distributed.current().main:
+        checkpoint.save(path, state)
 
 
 def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Recorder, config: dict[str, Any],
@@ -246,10 +264,11 @@ def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Re
     for record in history:  # a resumed run carries the whole curve
         recorder.epoch(record, history[:record.epoch])
     if resume is None:  # epoch 0: what a divergence in the first epoch falls back to
-        checkpoint.save(checkpoint_path, capture(task, 0, history, config))
+        save(checkpoint_path, capture(task, 0, history, config))
     first, longest = len(history) + 1, 0.0
     for epoch in range(first, epochs + 1):
-        if deadline is not None and epoch > first and time.monotonic() + longest > deadline:
+        # Process 0's clock decides for all: they must run the same epochs.
+        if distributed.broadcast(deadline is not None and epoch > first and time.monotonic() + longest > deadline):
             log.info("time limit: stopping after epoch %d of %d; resume from %s", epoch - 1, epochs, checkpoint_path)
             break
         started = time.perf_counter()
@@ -268,7 +287,7 @@ def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Re
         history.append(EpochRecord(epoch, metrics, genotype, alphas))
         if early_stop is not None:
             history[-1].stop = early_stop.check([r.epoch for r in history], [r.metrics for r in history])
-        checkpoint.save(checkpoint_path, capture(task, epoch, history, config))
+        save(checkpoint_path, capture(task, epoch, history, config))
         recorder.epoch(history[-1], history)
         recorder.checkpoint(checkpoint_path, epoch)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -282,7 +301,7 @@ def run_epochs(task: EpochTask, epochs: int, checkpoint_path: Path, recorder: Re
 
 
 def _recover(task: EpochTask, checkpoint_path: Path, epoch: int, reason: str) -> None:
-    state = checkpoint.load(checkpoint_path)
+    state = distributed.from_main(lambda: checkpoint.load(checkpoint_path))
     restore(task, state)
     raise Diverged(
         f"epoch {epoch} stopped: {reason}; the model is restored to the checkpoint of epoch {state['epoch']} "

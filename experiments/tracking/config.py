@@ -19,6 +19,7 @@ def common_config() -> None:  # the keys every search and training shares, with 
     resume = None  # a run folder or checkpoint.pt to continue from in a new run (README: which keys may change)
     time_limit = None  # minutes (a batch job's limit): start no epoch the longest so far would carry past it; resume=
     tensorboard = False  # also write every metric as TensorBoard event files to the run folder's tensorboard/
+    sync_batch_norm = False  # torchrun: BatchNorm statistics over all processes' batches, as one process (slower)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class RunConfig:
     time_limit: float | None
     data_dir: str | None
     tensorboard: bool
+    sync_batch_norm: bool
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -162,6 +164,7 @@ def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool 
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit", "tensorboard",
+                               "sync_batch_norm",
                                *collapse_config.__code__.co_varnames})
 
 

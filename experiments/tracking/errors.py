@@ -7,14 +7,25 @@ from typing import Any, Callable
 
 from sacred.utils import SacredError
 
+from shared.distributed import launched
 from shared.errors import UserFacingError
 
 
+def which_process() -> str:
+    """'rank 1 of 2: ' in a process torchrun started (every process prints its own line), else ''."""
+    try:
+        processes = launched()
+    except UserFacingError:  # torchrun's variables garbled: that error names them itself
+        return ""
+    return f"{processes.describe()}: " if processes.several else ""
+
+
 class RunError(SacredError):
-    """A problem with the user's input: printed as one line, and the run is recorded as FAILED."""
+    """A problem with the user's input: printed as one line (naming the process in a distributed run), and the run
+    is recorded as FAILED."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, print_traceback=False)
+        super().__init__(which_process() + message, print_traceback=False)
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import numbers
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +17,12 @@ from sacred.dependencies import Source, get_dependencies_from_sys_modules
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from experiments.tracking.config import check_config, run_values, scope_keys
-from experiments.tracking.errors import RunError, Terminated, user_errors
+from experiments.tracking.errors import RunError, Terminated, user_errors, which_process
 from experiments.tracking.observers import add_observers
 from shared.device import resolve_device
-from shared.errors import ConfigError
+from shared import distributed
+from shared.distributed import launched
+from shared.errors import ConfigError, UserFacingError
 
 
 # Every run records all .py files of the packages an experiment's code can come from (experiments -> rnn_darts,
@@ -60,12 +64,28 @@ def make_experiment(name: str, module_globals: dict[str, Any]) -> Experiment:
     of the imported packages, and the config is validated against `CONFIGS` before a run starts.
     """
     ex = Experiment(name, base_dir=str(REPO_ROOT), save_git_info=False)  # Sacred's git probe crashes without commits
+    quiet_other_processes()
     record_sources(ex, module_globals)
     ex.pre_run_hook(record_git)
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     add_validation(ex, tuple(module_globals.get("CONFIGS", ())), module_globals.get("RENAMED", {}),
                    add_observers(ex))
     return ex
+
+
+def quiet_other_processes() -> None:
+    """In a distributed run every process but process 0 logs warnings and errors only (naming its rank), and not
+    that it has no observers (process 0 records for all)."""
+    try:
+        processes = launched()
+    except UserFacingError:  # garbled torchrun variables: the run's config check says so in one line
+        return
+    if processes.main or logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s - rank {processes.rank} - %(name)s - "
+                                                      f"%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: "No observers have been added" not in record.getMessage())
 
 
 def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[..., Any]], Any]:
@@ -78,8 +98,11 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
     def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
         def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
             keep_last_output(_run)
-            with interruptions_recorded(_run):
-                details = body(_run, run_values(_config), _log)
+            try:
+                with interruptions_recorded(_run):
+                    details = body(_run, run_values(_config), _log)
+            finally:
+                distributed.stop()  # the process group a distributed run joined (`run_tracked`)
             _run.info["result"] = details
             value = details.get(headline) if headline is not None else None
             return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
@@ -125,8 +148,10 @@ def keep_last_output(run: Any) -> None:
 
 @contextlib.contextmanager
 def interruptions_recorded(run: Any) -> Iterator[None]:
-    """SIGTERM ends the run as Ctrl-C does, recorded as INTERRUPTED (not left RUNNING); either way run info
-    `interrupted` says which, after which epoch, and how to resume from the run folder's last checkpoint."""
+    """SIGTERM ends the run as Ctrl-C does, recorded as INTERRUPTED (not left RUNNING), and so does, in a distributed
+    run, the loss of another process (a collective fails: torchrun then stops this one with SIGTERM, which it
+    ignores from then on to finish its records); run info `interrupted` says which, after which epoch, and how to
+    resume from the run folder's last checkpoint."""
     def terminate(signum: int, frame: Any) -> None:
         raise Terminated("stopped by SIGTERM")
 
@@ -136,18 +161,35 @@ def interruptions_recorded(run: Any) -> Iterator[None]:
         previous = None
     try:
         yield
+    except RuntimeError as error:
+        if not distributed.lost_peer(error):
+            raise
+        if previous is not None:
+            previous = signal.SIG_IGN
+        reason = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip()).split(". ")[0][:200]  # gloo: "[file:line] ..."
+        raise interrupted(run, "another process", "another process of this run stopped",
+                          f"{reason}; torchrun's summary names its rank") from None
     except (Terminated, KeyboardInterrupt) as stop:
-        done, checkpoint = run.info.get("epochs_done", 0), run.info.get("checkpoint")  # the recorder's
-        resume = f"resume={Path(checkpoint).parent}" if checkpoint else None
-        run.info["interrupted"] = {"by": "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C",
-                                   "after_epoch": done, "resume": resume}
-        if isinstance(stop, Terminated):
-            where = f"resume with {resume}" if resume else "no epoch had finished: start it again"
-            raise Terminated(f"stopped by SIGTERM after epoch {done}: {where}") from None
-        raise
+        if not isinstance(stop, Terminated):
+            interrupted(run, "Ctrl-C", "")
+            raise
+        if previous is not None and which_process():
+            previous = signal.SIG_IGN
+        why = "torchrun stops every process when one fails: its summary names the rank" if which_process() else ""
+        raise interrupted(run, "SIGTERM", "stopped by SIGTERM", why) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(run: Any, by: str, what: str, detail: str = "") -> Terminated:
+    """Record in run info `interrupted` who stopped the run, after which epoch and the resume that continues it;
+    returns the one-line stop to raise ('<what> after epoch N (<detail>): resume with resume=<folder>')."""
+    done, checkpoint = run.info.get("epochs_done", 0), run.info.get("checkpoint")  # the recorder's
+    resume = f"resume={Path(checkpoint).parent}" if checkpoint else None
+    run.info["interrupted"] = {"by": by, "after_epoch": done, "resume": resume}
+    where = f"resume with {resume}" if resume else "no epoch had finished: start it again"
+    return Terminated(f"{which_process()}{what} after epoch {done}{f' ({detail})' if detail else ''}: {where}")
 
 
 def add_validation(ex: Experiment, configs: tuple[Any, ...], renamed: dict[str, str],

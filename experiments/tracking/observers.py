@@ -18,6 +18,7 @@ from typing import Any, Callable
 from sacred.observers import FileStorageObserver, RunObserver
 
 from experiments.tracking.database import shown_url
+from shared.distributed import launched
 from shared.errors import ConfigError
 
 RUN_ID_PRIORITY = 10_000  # above every database observer: the folder observer starts first and picks the id
@@ -160,6 +161,9 @@ def add_observers(ex: Any) -> Callable[[dict[str, Any]], None]:
         options.update(dict.fromkeys(HOUSE_OPTIONS))  # falsy: Sacred applies none of them
 
     def attach(config: dict[str, Any]) -> None:
+        if not launched().main:  # a distributed run: process 0 records for all
+            ex.observers[:] = []
+            return
         where = given.get("--file_storage")
         folder_path = Path(where) if where else runs_dir()
         fix = "pass -F a folder this user can write" if where else "set DARTS_RUNS_DIR to a folder this user can write"

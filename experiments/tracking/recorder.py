@@ -72,3 +72,17 @@ class SacredRecorder:
     def checkpoint(self, path: Path, epoch: int) -> None:
         self.run.info["checkpoint"] = str(path)
         self.run.add_artifact(str(path), name="checkpoint.pt")  # every observer keeps the latest one only
+
+
+class Unrecorded:
+    """The recorder of every process but process 0 of a distributed run: process 0 records for all; this one keeps
+    only what its own interruption line says (the epochs done, process 0's checkpoint)."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def epoch(self, record: Any, history: list[Any]) -> None:
+        self.run.info["epochs_done"] = record.epoch
+
+    def checkpoint(self, path: Path, epoch: int) -> None:
+        self.run.info["checkpoint"] = str(path)

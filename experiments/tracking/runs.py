@@ -1,6 +1,7 @@
 """What every search and training experiment does around its task: threads, seed, resume, the epoch loop, results."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -9,10 +10,11 @@ import torch
 
 from experiments.tracking.config import RESUMABLE_CHANGES, RunConfig, check_resume_config, config_values
 from experiments.tracking.folders import read_json
-from experiments.tracking.recorder import SacredRecorder, add_json_artifact, run_folder
-from shared import checkpoint
+from experiments.tracking.recorder import SacredRecorder, Unrecorded, add_json_artifact, run_folder
+from shared import checkpoint, distributed
 from shared.collapse import CollapseConfig, EarlyStop
 from shared.controller import ControllerConfig
+from shared.device import resolve_device
 from shared.errors import CheckpointError, ConfigError
 from shared.genotypes import GenotypeError, resolve, to_dict
 from shared.loop import chosen_genotype, run_epochs
@@ -21,9 +23,11 @@ from shared.loop import chosen_genotype, run_epochs
 def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
                 may_change: frozenset[str] = RESUMABLE_CHANGES, genotype: Any = None, collapse: Any = None
                 ) -> tuple[Any, list[Any]]:
-    """What every search and training experiment does around its task: threads, seed, resume, checkpoint folder,
-    the epoch loop, and the time limit (config `time_limit`, minutes from now: no epoch starts that would end after
-    it, judged by the longest epoch so far; run info `stopped_early` says where it stopped). `genotype` is a
+    """What every search and training experiment does around its task: threads, the processes torchrun started
+    (`shared.distributed`: process 0 alone reads the checkpoint to resume from and records), seed, resume (after a
+    restart by torchrun, from the previous attempt: `elastic_resume`), checkpoint folder, the epoch loop, and the
+    time limit (config `time_limit`, minutes from now: no epoch starts that would end after it, judged by the
+    longest epoch so far; run info `stopped_early` says where it stopped). `genotype` is a
     training's fixed cell (None for a search): no genotype history is recorded, and a resume must train the
     checkpoint's cell, since `genotype_from` may now point at another one of the same shapes. `collapse` (a
     search's CollapseConfig) sets its early-stopping rule, which counts the task's `skip_metric`. Returns the task
@@ -32,36 +36,67 @@ def run_tracked(run: Any, config: dict[str, Any], build_task: Callable[[], Any],
     settings = RunConfig(**config_values(RunConfig, config))
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    limit, resume = settings.time_limit, settings.resume
-    resume_state = checkpoint.load(resume) if resume is not None else None
-    if resume_state is not None:
-        checkpoint.check_kind(resume_state, resume, run.experiment_info["name"])
-        check_resume_config(resume_state["config"], config, may_change)
-        if genotype is not None and resume_state["genotype"] != to_dict(genotype):
-            raise CheckpointError(f"resume: the checkpoint trained the cell {resume_state['genotype']}, but "
-                                  f"genotype_from now gives {to_dict(genotype)}; resume with the genotype the run "
-                                  f"started from")
-        if resume_state["epoch"] >= config["epochs"]:
-            more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
-            raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
-                              f"{config['epochs']}: nothing is left to run{more}")
-        stop = resume_state["history"][-1].get("early_stop") if resume_state["history"] else None
-        if stop is not None and collapse is not None and collapse.early_stop != "off":
-            raise ConfigError(f"resume: the search stopped early after epoch {stop['epoch']} ({stop['reason']}); "
-                              f"nothing is left to run; pass early_stop=off to continue it")
-        run.info["resumed_from"] = {"checkpoint": str(config["resume"]), "epoch": resume_state["epoch"]}
-    folder = run_folder(run)
+    processes = distributed.start(resolve_device(settings.device), settings.sync_batch_norm)  # experiment_main leaves
+    torch.manual_seed(settings.seed)  # the same model on every process (process 0's is copied to all anyway)
+    folder = Path(distributed.broadcast(str(run_folder(run)) if processes.main else None))  # process 0's: it writes
+    resume = distributed.from_main(lambda: elastic_resume(folder)) or settings.resume
+    resume_state = checked_resume(resume, run, config, may_change, genotype, collapse) if resume is not None else None
     task = build_task()
+    seeds = [settings.seed + rank for rank in range(processes.world_size)]
+    if processes.rank:  # its own dropout masks; process 0's stream goes on as a single process's would
+        torch.manual_seed(seeds[processes.rank])
+    if processes.several:
+        run.info["distributed"] = {"world_size": processes.world_size, "backend": processes.backend,
+                                   "seeds": seeds, "sync_batch_norm": processes.sync_batch_norm}
     stopper = None if collapse is None else EarlyStop(collapse, task.skip_metric)
-    recorder = SacredRecorder(run, folder, genotype is None)
-    deadline = None if limit is None else started + 60.0 * limit
+    recorder = SacredRecorder(run, folder, genotype is None) if processes.main else Unrecorded(run)
+    deadline = None if settings.time_limit is None else started + 60.0 * settings.time_limit
     history = run_epochs(task, config["epochs"], folder / "checkpoint.pt", recorder, config, resume_state,
                          deadline=deadline, early_stop=stopper)
     if history and history[-1].epoch < config["epochs"] and history[-1].stop is None:
         run.info["stopped_early"] = {"after_epoch": history[-1].epoch, "of": config["epochs"],
                                      "resume": f"resume={folder}"}
     return task, history
+
+
+def checked_resume(resume: str, run: Any, config: dict[str, Any], may_change: frozenset[str], genotype: Any,
+                   collapse: Any) -> dict[str, Any]:
+    """The checkpoint `resume` names (process 0 reads it and sends it to the others), checked against the run: the
+    same experiment, config (but for `may_change`) and cell, and something left to run."""
+    resume_state = distributed.from_main(lambda: checkpoint.load(resume))
+    checkpoint.check_kind(resume_state, resume, run.experiment_info["name"])
+    check_resume_config(resume_state["config"], config, may_change)
+    if genotype is not None and resume_state["genotype"] != to_dict(genotype):
+        raise CheckpointError(f"resume: the checkpoint trained the cell {resume_state['genotype']}, but "
+                              f"genotype_from now gives {to_dict(genotype)}; resume with the genotype the run "
+                              f"started from")
+    if resume_state["epoch"] >= config["epochs"]:
+        more = f"; raise epochs above {resume_state['epoch']} to continue" if "epochs" in may_change else ""
+        raise ConfigError(f"resume: the checkpoint has done {resume_state['epoch']} epochs and epochs="
+                          f"{config['epochs']}: nothing is left to run{more}")
+    stop = resume_state["history"][-1].get("early_stop") if resume_state["history"] else None
+    if stop is not None and collapse is not None and collapse.early_stop != "off":
+        raise ConfigError(f"resume: the search stopped early after epoch {stop['epoch']} ({stop['reason']}); "
+                          f"nothing is left to run; pass early_stop=off to continue it")
+    run.info["resumed_from"] = {"checkpoint": str(resume), "epoch": resume_state["epoch"]}
+    return resume_state
+
+
+def elastic_resume(folder: Path) -> str | None:
+    """The run folder to resume from when torchrun restarted its processes after a failure (`--max-restarts`): the
+    folder of this torchrun job's previous attempt, which its process 0 named in the runs folder
+    (`.torchrun-<TORCHELASTIC_RUN_ID>`, rewritten by every attempt); None on a first attempt or without torchrun."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    if not job or not folder.parent.is_dir():
+        return None
+    marker = folder.parent / f".torchrun-{job.replace('/', '_')}"
+    try:
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip() not in ("", "0")
+        previous = marker.read_text().strip() if restarted and marker.is_file() else None
+        marker.write_text(str(folder))
+    except OSError:  # a runs folder this process may not write: no restart resumes (README)
+        return None
+    return previous if previous and (Path(previous) / "checkpoint.pt").is_file() else None
 
 
 def resolve_genotype(spec: str, space: str) -> tuple[Any, str]:

@@ -304,4 +304,4 @@ def test_tensorboard_without_its_package_is_one_line_before_the_run(monkeypatch)
     with pytest.raises(ConfigError, match=r"tensorboard=True needs the tensorboard package: pip install "
                                           r"'darts-toolkit\[tensorboard\]'"):
         config.RunConfig(seed=0, epochs=1, device="cpu", threads=0, resume=None, time_limit=None, data_dir=None,
-                         tensorboard=True)
+                         tensorboard=True, sync_batch_norm=False)
