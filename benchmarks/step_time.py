@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(peak_memory(args, args.child)))
         return None
     names = args.modes.split(",")
-    memory = {mode: child_memory(argv, mode) for mode in names}
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:  # before the timing: the children may overlap
+        memory = dict(zip(names, pool.map(lambda mode: child_memory(argv, mode), names)))
     passes = [f"pass:{into}" for into in PASSES] if "plain" in names and set(names) & set(FLOORS) else []
     timed = interleaved_times(args, names + passes)
     modes = {mode: {**timed[mode], **memory[mode]} for mode in names}
