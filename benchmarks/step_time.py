@@ -202,10 +202,14 @@ def child_memory(argv: list[str], mode: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def is_default_cpu(args: argparse.Namespace) -> bool:
+def on_cpu(args: argparse.Namespace) -> bool:
     from shared.device import resolve_device
 
-    return (resolve_device(args.device).type == "cpu" and args.threads == 2
+    return resolve_device(args.device).type == "cpu"
+
+
+def is_default_cpu(args: argparse.Namespace) -> bool:
+    return (on_cpu(args) and args.threads == 2
             and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items()))
 
 
@@ -326,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(peak_memory(args, args.child)))
         return None
     names = args.modes.split(",")
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:  # before the timing: the children may overlap
+    # Before the timing; on the CPU the children may overlap (each measures its own peak), not on one GPU.
+    with ThreadPoolExecutor(max_workers=len(names) if on_cpu(args) else 1) as pool:
         memory = dict(zip(names, pool.map(lambda mode: child_memory(argv, mode), names)))
     passes = [f"pass:{into}" for into in PASSES] if "plain" in names and set(names) & set(FLOORS) else []
     timed = interleaved_times(args, names + passes)

@@ -31,8 +31,9 @@ def classify(logits_of: Callable[[Tensor], Tensor], images: Tensor, labels: Tens
     of a distributed run each read every world_size-th image, and the sums are theirs together (`Meter`)."""
     processes = distributed.current()
     images, labels = images[processes.rank::processes.world_size], labels[processes.rank::processes.world_size]
-    meter = Meter(check_every=len(labels) + 1)  # checked (summed over the processes) once, at the end: the
+    meter = Meter(check_every=len(labels) + 2)  # checked (summed over the processes) once, at the end: the
     # processes' shares may differ by one image, and so by one batch
+    meter.add(loss=0.0, correct=0.0, images=0.0)  # every process sums the same names, even with no image
     for x, y in batches(images, labels, batch_size, torch.Generator(), shuffle=False, drop_last=False,
                         augment=False):
         logits = logits_of(x)

@@ -155,6 +155,7 @@ class CNNSearchTask(SchedulerGeneratorState):
         size = self.config.batch_size
         x, y = next(batches(self.arch_data[0][:size], self.arch_data[1][:size], size, self.generator, shuffle=False,
                             augment=False))
+        x, y = x[self.rows], y[self.rows]  # this process's share (its products are averaged)
         return eigen_metrics(self.engine.alpha_hessian_eigen(self.loss(x, y), self.collapse.hessian_iterations,
                                                              self.collapse.hessian_tol))
 

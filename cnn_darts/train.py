@@ -114,7 +114,7 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
         loss = F.cross_entropy(logits, y)
         total = loss if aux_logits is None else loss + self.config.auxiliary_weight * F.cross_entropy(aux_logits, y)
         total.backward()
-        distributed.average_([p.grad for p in self.model.parameters() if p.grad is not None])
+        distributed.average_([torch.zeros_like(p) if p.grad is None else p.grad for p in self.model.parameters()])
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}

@@ -4,7 +4,7 @@
     python -m experiments.rnn_search with paper device=cuda       # the paper's search (second order, 50 epochs)
     python -m experiments.rnn_search with smoke resume=runs/7     # continue run 7 from its last checkpoint
     python -m experiments.rnn_search print_config                 # every option, commented
-    torchrun --nproc_per_node=4 -m experiments.rnn_search with paper  # on 4 GPUs (README: several GPUs or machines)
+    torchrun --standalone --nproc_per_node=4 -m experiments.rnn_search with paper  # 4 GPUs (README: torchrun)
 """
 from __future__ import annotations
 

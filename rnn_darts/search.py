@@ -81,6 +81,20 @@ class SearchConfig:
             raise ConfigError("batch_size and eval_batch_size must be >= 2: the search cell normalises over the batch")
 
 
+def warn_small_shares(config: SearchConfig) -> None:
+    """Process 0 warns when the processes of a distributed run normalise few sequences each (the search cell's
+    BatchNorm uses batch statistics, in evaluation too) without sync_batch_norm."""
+    processes = distributed.current()
+    if not processes.main or processes.sync_batch_norm:
+        return
+    for key in ("batch_size", "eval_batch_size"):
+        share = getattr(config, key) // processes.world_size
+        if processes.several and share < SMALL_SHARE:
+            log.warning("each of the %d processes normalises its own %d sequences of a %s batch (the search "
+                        "cell's BatchNorm), which learns or evaluates otherwise than one process: "
+                        "sync_batch_norm=True normalises the whole batch", processes.world_size, share, key)
+
+
 def split_streams(corpus: Corpus, config: SearchConfig) -> tuple[Tensor, Tensor, Tensor]:
     """The 1-D token streams for weights, architecture and evaluation."""
     train = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
@@ -113,11 +127,7 @@ class RNNSearchTask:
         # A distributed run's processes each take their own columns of the global batch (the whole batch alone).
         columns = distributed.shard(config.batch_size, "batch_size")
         self.batch = columns.stop - columns.start  # this process's sequences per batch
-        processes = distributed.current()
-        if processes.several and not processes.sync_batch_norm and self.batch < SMALL_SHARE:
-            log.warning("each of the %d processes normalises its own %d sequences of every batch (the search cell's "
-                        "BatchNorm), which slows learning: sync_batch_norm=True normalises all %d as one process "
-                        "does", processes.world_size, self.batch, config.batch_size)
+        warn_small_shares(config)
         self.train_data = batchify(train, config.batch_size, device)[:, columns].contiguous()  # (T, b)
         self.arch_data = batchify(arch, config.batch_size, device)[:, columns].contiguous()  # (T', b)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval): stream_loss shards it
@@ -178,9 +188,9 @@ class RNNSearchTask:
         self.model.eval()
         with torch.no_grad():
             logits, *_ = self.model(xa, self.model.init_hidden(xa.size(1)))
-            cross_entropy = float(language_model_loss(logits, ya))
+            cross_entropy = distributed.mean(float(language_model_loss(logits, ya)))  # the whole batch's
         self.model.train()
-        return distributed.mean(REWARD_C / math.exp(min(cross_entropy, 50.0)))
+        return REWARD_C / math.exp(min(cross_entropy, 50.0))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         windows = self.epoch_windows()

@@ -18,11 +18,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or name.startswith("cuda"):
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
-        device = torch.device(name)
-        processes = launched()
-        return torch.device("cuda", processes.local_rank) if device == torch.device("cuda") and processes.several \
-            else device
+        device, processes = torch.device(name), launched()
+        if device.type == "cuda" and processes.several:
+            return process_gpu(device, processes.local_rank)
+        return device
     raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+
+
+def process_gpu(device: torch.device, local_rank: int) -> torch.device:
+    """The GPU of the process torchrun started as LOCAL_RANK on its machine: one per process."""
+    if device.index is not None:
+        raise ConfigError(f"device={device} under torchrun would put every process on one GPU: pass device=cuda (or "
+                          f"auto), and each process takes its own (cuda:LOCAL_RANK)")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs: start at "
+                          f"most that many processes per machine (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
 
 
 def free_memory(device: torch.device) -> int | None:

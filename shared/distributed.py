@@ -1,5 +1,5 @@
-"""Data-parallel runs on torch.distributed: the processes torchrun starts, averaging across them, batch statistics
-over all of them, and which process writes.
+"""Data-parallel runs on torch.distributed: the processes torchrun starts, averaging across them, and which process
+writes (batch statistics over all of them: shared/sync_batch_norm.py).
 
 `torchrun --nproc_per_node=N -m experiments.<name> with ...` starts N processes and tells each its RANK, LOCAL_RANK
 and WORLD_SIZE (and, across machines, where to meet). `start` joins them into one process group (nccl on GPUs,
@@ -20,9 +20,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from shared.errors import ConfigError, UserFacingError
+from shared.sync_batch_norm import synced_batch_norm
 
 TIMEOUT_MINUTES = 30  # a collective waits this long for a process that stopped answering
 
@@ -162,11 +162,11 @@ def from_main(produce: Callable[[], Any]) -> Any:
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether `error` is a collective that failed because another process stopped (gloo raises a RuntimeError
-    naming its transport; nccl a DistError)."""
+    """Whether `error` is a collective that failed because another process of a distributed run went away (gloo
+    raises a RuntimeError about the connection; nccl and torch's store a DistNetworkError)."""
     message = str(error)
-    return isinstance(error, dist.DistError) or (_current.several and any(
-        sign in message for sign in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")))
+    return _current.several and (isinstance(error, dist.DistNetworkError) or any(
+        sign in message for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")))
 
 
 def gather(value: Any) -> list[Any]:
@@ -203,78 +203,6 @@ def shard(size: int, what: str) -> slice:
                           f"or another number of processes")
     part = size // world
     return slice(_current.rank * part, (_current.rank + 1) * part)
-
-
-# ---- batch statistics over all processes --------------------------------------------------------------------------
-class _SumAcross(torch.autograd.Function):
-    """all_reduce(SUM) as a differentiable function: the gradient of a sum over processes is the sum of the
-    processes' gradients (itself through this function, so that double backward crosses processes too)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor)
-        return tensor
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _SumAcross.apply(grad)
-
-
-class SyncedBatchNorm(_BatchNorm):
-    """BatchNorm whose batch statistics are those of the global batch, over all processes, and differentiable to
-    any order through them (torch's SyncBatchNorm runs on GPUs only and has no double backward, which the `exact`
-    order needs). Running statistics (eval mode) and one process: torch's own kernel."""
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not (_current.several and (self.training or not self.track_running_stats)):
-            return super().forward(input)
-        dims = [0, *range(2, input.dim())]
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        count = input.numel() // input.size(1)
-        local_mean = input.mean(dims)
-        local_m2 = (input - local_mean.view(shape)).square().sum(dims)  # centred here: no cancellation in float32
-        local_mean, local_m2 = local_mean.double(), local_m2.double()
-        counts = torch.full((1,), float(count), dtype=torch.float64, device=input.device)
-        sums = _SumAcross.apply(torch.cat([local_mean * count, local_m2 + count * local_mean.square(), counts]))
-        channels = input.size(1)
-        n = sums[-1]
-        mean = sums[:channels] / n
-        var = sums[channels:2 * channels] / n - mean.square()  # biased, as the normalisation uses
-        if self.training and self.track_running_stats:
-            self._update_running(mean.detach(), var.detach(), n.detach())
-        scale = (var + self.eps).rsqrt()
-        out = (input - mean.to(input.dtype).view(shape)) * scale.to(input.dtype).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
-
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        self.num_batches_tracked += 1
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        unbiased = var * n / (n - 1).clamp_min(1)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-
-
-def synced_batch_norm(module: nn.Module) -> nn.Module:
-    """`module` with every BatchNorm replaced by a `SyncedBatchNorm` holding the same parameters and buffers (the
-    state dict keeps its keys). Call it before the optimizers take the parameters."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncedBatchNorm):
-        like = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
-        factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
-        synced = SyncedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, **factory)
-        synced.load_state_dict(module.state_dict())
-        return synced.train(module.training)
-    for name, child in module.named_children():
-        setattr(module, name, synced_batch_norm(child))
-    return module
 
 
 def prepare(model: nn.Module, device: torch.device) -> nn.Module:

@@ -98,11 +98,10 @@ def experiment_main(ex: Experiment, headline: str | None) -> Callable[[Callable[
     def register(body: Callable[[Any, dict[str, Any], Any], Any]) -> Any:
         def main(_run: Any, _config: dict[str, Any], _log: Any) -> Any:  # the names Sacred fills in
             keep_last_output(_run)
-            try:
-                with interruptions_recorded(_run):
-                    details = body(_run, run_values(_config), _log)
-            finally:
-                distributed.stop()  # the process group a distributed run joined (`run_tracked`)
+            with interruptions_recorded(_run):
+                details = body(_run, run_values(_config), _log)
+            distributed.stop()  # the group a distributed run joined (`run_tracked`); after a failure, exit alone:
+            # leaving a group whose other processes are gone may hang
             _run.info["result"] = details
             value = details.get(headline) if headline is not None else None
             return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None

@@ -85,9 +85,10 @@ def checked_resume(resume: str, run: Any, config: dict[str, Any], may_change: fr
 def elastic_resume(folder: Path) -> str | None:
     """The run folder to resume from when torchrun restarted its processes after a failure (`--max-restarts`): the
     folder of this torchrun job's previous attempt, which its process 0 named in the runs folder
-    (`.torchrun-<TORCHELASTIC_RUN_ID>`, rewritten by every attempt); None on a first attempt or without torchrun."""
+    (`.torchrun-<TORCHELASTIC_RUN_ID>`, rewritten by every attempt); None on a first attempt, without torchrun, and
+    for a job without its own id (--standalone draws one; else --rdzv_id names it)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
-    if not job or not folder.parent.is_dir():
+    if job in ("", "none") or not folder.parent.is_dir():  # "none": torchrun's default, shared by every job
         return None
     marker = folder.parent / f".torchrun-{job.replace('/', '_')}"
     try:

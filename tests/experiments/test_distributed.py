@@ -21,6 +21,7 @@ from tests.conftest import REPO, run_experiment
 from tests.experiments.test_faults import curves
 from tests.experiments.test_rnn_search import TINY, tiny_data
 
+
 def torchrun(module: str, *args: str, runs: Path, processes: int = 2, restarts: int = 0) -> subprocess.Popen:
     """`torchrun --nproc_per_node=N --max-restarts=R --standalone -m experiments.<module> ARGS`, its runs under
     `runs`."""
@@ -78,7 +79,7 @@ def test_two_processes_record_once_and_a_dead_one_restarts_the_job_from_its_chec
     killed, restarted = runs / "1", runs / "2"  # torchrun's second attempt resumed the first's checkpoint
     assert sorted(p.name for p in runs.iterdir() if p.name.isdigit()) == ["1", "2"]  # process 0's alone
     assert output.count("Started run with ID") == 2  # process 1 logs warnings and errors only
-    assert "No observers have been added" not in output and "WARNING - rank 1 -" in output
+    assert "No observers have been added" not in output
     assert json.loads((killed / "run.json").read_text())["status"] == "INTERRUPTED"
     assert json.loads((restarted / "info.json").read_text())["distributed"] == {
         "world_size": 2, "backend": "gloo", "seeds": [3, 4], "sync_batch_norm": False}

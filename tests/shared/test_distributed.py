@@ -15,6 +15,7 @@ from torch import nn
 
 from shared import distributed
 from shared.errors import ConfigError
+from shared.sync_batch_norm import SyncedBatchNorm, synced_batch_norm
 from tests import distributed_worker
 from tests.conftest import REPO
 
@@ -64,11 +65,16 @@ def test_two_processes_search_and_train_as_one_on_the_same_global_batch(two_proc
     assert moved > 5e-4  # the steps changed the alphas (weights): the comparison is not of untouched values
 
 
+def test_an_error_of_process_0_reading_a_checkpoint_reaches_every_process(two_processes) -> None:
+    assert two_processes[0]["from_main"] == two_processes[1]["from_main"]
+    assert "absent.pt does not exist" in two_processes[1]["from_main"]
+
+
 # ---- batch statistics over all processes ----------------------------------------------------------------------
 @pytest.fixture
 def one_process_group(monkeypatch):
-    """A gloo group of one process, seen as 'several' so that SyncedBatchNorm takes its all-reduce path (the sum over
-    one process is its own statistics: the result must be BatchNorm's)."""
+    """A gloo group of one process, seen as 'several' by `shared.distributed` (the sum over one process is its own
+    statistics: SyncedBatchNorm's result must be BatchNorm's)."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     monkeypatch.setattr(distributed, "_current", replace(distributed.Processes(), world_size=2, backend="gloo"))
     yield
@@ -82,10 +88,10 @@ def test_synced_batch_norm_is_batch_norm_with_its_gradients_and_running_statisti
     plain = nn.BatchNorm2d(3, affine=affine, track_running_stats=track).double()
     if affine:
         nn.init.uniform_(plain.weight, 0.5, 1.5), nn.init.uniform_(plain.bias, -1, 1)
-    synced = distributed.synced_batch_norm(nn.Sequential(nn.BatchNorm2d(3, affine=affine, track_running_stats=track)
+    synced = synced_batch_norm(nn.Sequential(nn.BatchNorm2d(3, affine=affine, track_running_stats=track)
                                                          .double()))
     synced.load_state_dict({f"0.{k}": v for k, v in plain.state_dict().items()})
-    assert isinstance(synced[0], distributed.SyncedBatchNorm)
+    assert isinstance(synced[0], SyncedBatchNorm)
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3 + 2).requires_grad_()
     for _ in range(2):  # running statistics move twice alike
         expected, got = plain(x), synced(x)
@@ -98,7 +104,7 @@ def test_synced_batch_norm_is_batch_norm_with_its_gradients_and_running_statisti
 
 
 def test_synced_batch_norm_in_eval_mode_uses_running_statistics(one_process_group) -> None:
-    batch_norm = distributed.synced_batch_norm(nn.BatchNorm1d(2)).eval()
+    batch_norm = synced_batch_norm(nn.BatchNorm1d(2)).eval()
     batch_norm.running_mean.fill_(1.0)
     torch.testing.assert_close(batch_norm(torch.ones(3, 2)), torch.zeros(3, 2), atol=1e-4, rtol=0)
 
