@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
+from shared import distributed
 from shared.errors import CheckpointError, ConfigError, DataError
 from shared.hub import data_folder, load_hub_dataset, offline_reason, one_line, quiet_progress_bars
 from shared.validation import check_fields
@@ -173,6 +174,13 @@ def batchify(data: torch.Tensor, batch_size: int, device: torch.device | None = 
     # (B*T,) -> (B, T): row b is the b-th stretch of text; transpose so time runs down the columns.
     batched = data[: rows * batch_size].view(batch_size, rows).t().contiguous()  # (T, B)
     return batched if device is None else batched.to(device)
+
+
+def batchify_share(data: torch.Tensor, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """This process's columns of `batchify(data, batch_size)`: (T, batch_size / processes) in a distributed run, where
+    each process takes its own contiguous columns of the global batch (`shared.distributed.shard`); all of them
+    alone."""
+    return batchify(data, batch_size, device)[:, distributed.shard(batch_size, "batch_size")].contiguous()
 
 
 def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

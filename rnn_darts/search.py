@@ -16,8 +16,8 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import Tensor
 
-from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, get_batch, scale_learning_rate,
-                            vocabulary_fingerprint)
+from rnn_darts.data import (Corpus, batchify, batchify_share, bptt_windows, check_vocabulary, get_batch,
+                            scale_learning_rate, vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared import distributed
@@ -85,11 +85,11 @@ def warn_small_shares(config: SearchConfig) -> None:
     """Process 0 warns when the processes of a distributed run normalise few sequences each (the search cell's
     BatchNorm uses batch statistics, in evaluation too) without sync_batch_norm."""
     processes = distributed.current()
-    if not processes.main or processes.sync_batch_norm:
+    if not processes.several or not processes.main or processes.sync_batch_norm:
         return
     for key in ("batch_size", "eval_batch_size"):
         share = getattr(config, key) // processes.world_size
-        if processes.several and share < SMALL_SHARE:
+        if share < SMALL_SHARE:
             log.warning("each of the %d processes normalises its own %d sequences of a %s batch (the search "
                         "cell's BatchNorm), which learns or evaluates otherwise than one process: "
                         "sync_batch_norm=True normalises the whole batch", processes.world_size, share, key)
@@ -124,12 +124,10 @@ class RNNSearchTask:
         self.config, self.device, self.collapse = config, device, collapse
         self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train, arch, valid = split_streams(corpus, config)
-        # A distributed run's processes each take their own columns of the global batch (the whole batch alone).
-        columns = distributed.shard(config.batch_size, "batch_size")
-        self.batch = columns.stop - columns.start  # this process's sequences per batch
         warn_small_shares(config)
-        self.train_data = batchify(train, config.batch_size, device)[:, columns].contiguous()  # (T, b)
-        self.arch_data = batchify(arch, config.batch_size, device)[:, columns].contiguous()  # (T', b)
+        self.train_data = batchify_share(train, config.batch_size, device)  # (T, b): this process's columns
+        self.arch_data = batchify_share(arch, config.batch_size, device)  # (T', b)
+        self.batch = self.train_data.size(1)  # this process's sequences per batch
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T'', B_eval): stream_loss shards it
         check_fits(lambda: RNNSupernet(model_config), device, "emsize, nhid or steps")
         model = RNNSupernet(model_config)

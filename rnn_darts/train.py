@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from rnn_darts.data import (Corpus, batchify, bptt_windows, check_vocabulary, get_batch, scale_learning_rate,
-                            vocabulary_fingerprint)
+from rnn_darts.data import (Corpus, batchify, batchify_share, bptt_windows, check_vocabulary, get_batch,
+                            scale_learning_rate, vocabulary_fingerprint)
 from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_postfix, stream_loss, tar
 from rnn_darts.model import ModelConfig, RNNModel
 from shared import distributed
@@ -105,9 +105,8 @@ class RNNTrainTask(FixedGenotypeTask):
         self.vocabulary = vocabulary_fingerprint(corpus)  # checked on resume
         train = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
         valid = corpus.valid[:config.eval_tokens] if config.eval_tokens else corpus.valid
-        columns = distributed.shard(config.batch_size, "batch_size")  # a distributed run's processes: their own
-        self.batch = columns.stop - columns.start
-        self.train_data = batchify(train, config.batch_size, device)[:, columns].contiguous()  # (T, b)
+        self.train_data = batchify_share(train, config.batch_size, device)  # (T, b): this process's columns
+        self.batch = self.train_data.size(1)
         self.valid_data = batchify(valid, config.eval_batch_size, device)  # (T', B_eval)
         self.test_data = batchify(corpus.test, config.test_batch_size, device)  # (T'', B_test)
         check_fits(lambda: RNNModel(model_config, genotype), device, "emsize or nhid")

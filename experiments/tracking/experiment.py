@@ -21,7 +21,6 @@ from experiments.tracking.errors import RunError, Terminated, user_errors, which
 from experiments.tracking.observers import add_observers
 from shared.device import resolve_device
 from shared import distributed
-from shared.distributed import launched
 from shared.errors import ConfigError, UserFacingError
 
 
@@ -77,7 +76,7 @@ def quiet_other_processes() -> None:
     """In a distributed run every process but process 0 logs warnings and errors only (naming its rank), and not
     that it has no observers (process 0 records for all)."""
     try:
-        processes = launched()
+        processes = distributed.launched()
     except UserFacingError:  # garbled torchrun variables: the run's config check says so in one line
         return
     if processes.main or logging.getLogger().handlers:
