@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.op_count import count_ops
 from shared.bilevel import LossFn
 
 Step = Callable[[], None]
@@ -56,10 +57,14 @@ ORIGINAL_CPU = {
 }
 DEFAULTS = {"rnn": dict(batch=16, bptt=35, ntoken=10_000, nhid=300, steps=8),
             "cnn": dict(batch=16, C=16, layers=8, steps=4)}
-# Issue 6: each mode's time over plain's, and the second-order peak memory over plain's.
-TARGET_RATIOS = {"first": 1.7, "second": 4.0, "exact": 4.5}
-TARGET_MEMORY_RATIO = 1.2
-TARGET_VS_ORIGINAL = 0.7
+# Issue 19, each a ratio inside one run: every mode within 1.05 x its floor; the plain step against the original's
+# CPU seconds (default config); the plain step's launches against the count at 4c2d015 (CPU, default config:
+# `BASELINE_LAUNCHES`); the CNN exact step's time and peak memory over plain's.
+TARGET_X_FLOOR = 1.05
+TARGET_VS_ORIGINAL = {"rnn": 0.5, "cnn": 0.35}
+BASELINE_LAUNCHES = {"rnn": 12_007, "cnn": 16_259}
+TARGET_LAUNCHES = {"rnn": 0.5, "cnn": 2 / 3}
+TARGET_EXACT = {"cnn": {"x_plain": 5.0, "memory_x_plain": 2.0}}
 
 
 # ---- one mode's step ---------------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, Any]]:
     """Seconds per step of every mode, timed round-robin (each round in a rotated order) so that a machine whose
     speed drifts slows every mode alike; `x_plain_paired` is the median over rounds of the ratio to that round's
-    plain step."""
+    plain step. Then the operators one more step of each mode dispatches (`benchmarks.op_count`)."""
     steps = {mode: build_step(args, mode) for mode in modes}
     device = next(iter(steps.values()))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -186,7 +191,7 @@ def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, d
             sync()
             times[mode].append(time.perf_counter() - started)
     result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t),
-                     "times_s": t} for mode, t in times.items()}
+                     "times_s": t, **count_ops(steps[mode][0])} for mode, t in times.items()}
     if "plain" in times:
         for mode, t in times.items():
             result[mode]["x_plain_paired"] = statistics.median(a / b for a, b in zip(t, times["plain"]))
@@ -208,31 +213,45 @@ def on_cpu(args: argparse.Namespace) -> bool:
     return resolve_device(args.device).type == "cpu"
 
 
-def is_default_cpu(args: argparse.Namespace) -> bool:
-    return (on_cpu(args) and args.threads == 2
-            and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items()))
+def is_default_config(args: argparse.Namespace) -> bool:
+    return on_cpu(args) and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items())
 
 
-def summarise(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def add_ratios(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> None:
+    """Each mode's time and memory over plain's and, at the default CPU config, its time over the original's."""
     plain = modes.get("plain")
-    original = ORIGINAL_CPU[args.task] if is_default_cpu(args) else {}
-    checks: dict[str, dict[str, Any]] = {}
+    original = ORIGINAL_CPU[args.task] if is_default_config(args) and args.threads == 2 else {}
     for mode, figures in modes.items():
         if plain is not None:
             figures["x_plain"] = figures["median_s"] / plain["median_s"]
             figures["memory_x_plain"] = figures["peak_memory_mb"] / plain["peak_memory_mb"]
             figures["working_memory_x_plain"] = figures["working_memory_mb"] / max(plain["working_memory_mb"], 1.0)
-            if mode in TARGET_RATIOS:
-                checks[f"{mode} <= {TARGET_RATIOS[mode]} x plain"] = {
-                    "value": figures["x_plain"], "ok": figures["x_plain"] <= TARGET_RATIOS[mode]}
+            figures["launches_x_plain"] = figures["launches"] / plain["launches"]
         if mode in original:
             figures["x_original"] = figures["median_s"] / original[mode][0]  # against the original's fastest
-            checks[f"{mode} <= {TARGET_VS_ORIGINAL} x original"] = {
-                "value": figures["x_original"], "ok": figures["x_original"] <= TARGET_VS_ORIGINAL}
-    if plain is not None and "second" in modes:
-        ratio = modes["second"]["memory_x_plain"]
-        checks[f"second peak memory <= {TARGET_MEMORY_RATIO} x plain"] = {"value": ratio,
-                                                                          "ok": ratio <= TARGET_MEMORY_RATIO}
+
+
+def targets(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 19's targets that this run's modes and config can speak to: {name: {value, limit, ok}}."""
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value: float, limit: float) -> None:
+        checks[name] = {"value": value, "limit": limit, "ok": value <= limit}
+
+    for mode, figures in modes.items():
+        if "floor_x_plain_paired" in figures:
+            over_floor = figures["x_plain_paired"] / figures["floor_x_plain_paired"]
+            check(f"{mode} <= {TARGET_X_FLOOR} x its floor", over_floor, TARGET_X_FLOOR)
+    plain, task = modes.get("plain"), args.task
+    if plain is not None and "x_original" in plain:
+        check(f"plain <= {TARGET_VS_ORIGINAL[task]} x original", plain["x_original"], TARGET_VS_ORIGINAL[task])
+    if plain is not None and is_default_config(args):
+        check(f"plain launches <= {TARGET_LAUNCHES[task]:.2f} x {BASELINE_LAUNCHES[task]} (at 4c2d015)",
+              plain["launches"] / BASELINE_LAUNCHES[task], TARGET_LAUNCHES[task])
+    if plain is not None and "exact" in modes and task in TARGET_EXACT:
+        for key, limit in TARGET_EXACT[task].items():
+            what = "time" if key == "x_plain" else "peak memory"
+            check(f"exact {what} <= {limit} x plain", modes["exact"][key], limit)
     return checks
 
 
@@ -258,16 +277,16 @@ def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
     print(f"{args.task} step time, {result['device']}, torch {result['torch']}, "
           f"{', '.join(f'{k} {v}' for k, v in result['config'].items())}")
     print(f"{'mode':<8}{'median s':>10}{'min-max s':>16}{'x plain':>9}{'paired':>8}{'floor':>7}{'x original':>12}"
-          f"{unit:>26}{'working':>9}")
+          f"{unit:>26}{'working':>9}{'launches':>10}{'ops':>8}")
     for mode, f in result["modes"].items():
         spread = f"{f['min_s']:.3f}-{f['max_s']:.3f}"
         ratio, paired, floor, orig = (f"{f[key]:.2f}" if key in f else "-"
                                       for key in ("x_plain", "x_plain_paired", "floor_x_plain_paired", "x_original"))
         print(f"{mode:<8}{f['median_s']:>10.3f}{spread:>16}{ratio:>9}{paired:>8}{floor:>7}{orig:>12}"
-              f"{f['peak_memory_mb']:>26.0f}{f['working_memory_mb']:>9.0f}")
+              f"{f['peak_memory_mb']:>26.0f}{f['working_memory_mb']:>9.0f}{f['launches']:>10}{f['ops']:>8}")
     if result["passes"]:
         print("gradient passes (forward + backward into): " + ", ".join(
-            f"{into} {f['median_s']:.3f} s" for into, f in result["passes"].items())
+            f"{into} {f['median_s']:.3f} s ({f['launches']} launches)" for into, f in result["passes"].items())
             + "; floor = plain + the passes of the mode's algorithm, over plain (per round)")
     hessian = result["hessian"]
     in_plain = (f" = {hessian['median_s'] / result['modes']['plain']['median_s']:.1f} plain steps"
@@ -276,6 +295,7 @@ def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
           f"{hessian['median_s']:.3f} s{in_plain}")
     for name, check in result["checks"].items():
         print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
+    print("launches: aten operators a step dispatches that are not views (a GPU's kernel launches); ops: all of them")
 
 
 def device_name(device: str) -> str:
@@ -285,6 +305,36 @@ def device_name(device: str) -> str:
     if resolved.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(resolved)}"
     return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def compare_sides(args: argparse.Namespace, names: list[str]) -> dict[str, Any] | None:
+    """`--compare REV` (see `benchmarks.compare`), or one side of it (`--serve`)."""
+    from benchmarks.compare import compare, print_comparison, serve
+
+    if args.serve:
+        steps = {name: build_step(args, name)[0] for name in names}
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
+        cuda = resolve_threads(args).type == "cuda"
+        serve(steps, torch.cuda.synchronize if cuda else (lambda: None), count_ops)
+        return None
+    config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
+    side_argv = ["--task", args.task, "--modes", ",".join(names), "--device", args.device, "--threads",
+                 str(args.threads), "--warmup", str(args.warmup), *(f"--{k}={v}" for k, v in config.items())]
+    result = {"task": args.task, "device": device_name(args.device), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "config": config,
+              **compare(side_argv, args.compare, names, args.steps_timed)}
+    print_comparison(result)
+    write_json(args, result)
+    return result
+
+
+def write_json(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -303,7 +353,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-timed", type=int, default=10, dest="steps_timed")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--compare", metavar="REV", help="time this tree and git revision REV in the same rounds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
@@ -330,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(peak_memory(args, args.child)))
         return None
     names = args.modes.split(",")
+    if args.serve or args.compare:
+        return compare_sides(args, names)
     # Before the timing; on the CPU the children may overlap (each measures its own peak), not on one GPU.
     with ThreadPoolExecutor(max_workers=len(names) if on_cpu(args) else 1) as pool:
         memory = dict(zip(names, pool.map(lambda mode: child_memory(argv, mode), names)))
@@ -341,13 +395,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,
               "config": config, "date": datetime.date.today().isoformat(),
               "passes": {name.partition(":")[2]: timed[name] for name in passes}, "hessian": hessian_cost(args)}
-    result["checks"] = summarise(args, modes)
+    add_ratios(args, modes)
     add_floors(modes, result["passes"])
+    result["checks"] = targets(args, modes)
     print_table(args, result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args, result)
     return result
 
 

@@ -1,0 +1,122 @@
+"""`step_time --compare REV`: this tree's steps and another git revision's, timed in the same rounds.
+
+A speed claim on a machine whose speed drifts is an A/B inside one run. Each side is a child process that builds the
+modes' steps from its own code (this tree, or a `git worktree` of REV), warms them up and then answers one request at
+a time: time one round of every mode, or count each mode's operators. The parent asks the two sides in turn, the
+first side alternating from round to round, so both see the same machine; only one side runs at a time. The
+benchmark itself (this module, `step_time`, `op_count`) is this tree's on both sides: REV must build the steps the
+way `step_time` does (the task classes' `train_step` and `loss`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARK_FILES = ("__init__.py", "step_time.py", "op_count.py", "compare.py")
+
+
+@contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """A detached worktree of `rev`, removed afterwards; one line if git does not know it."""
+    folder = Path(tempfile.mkdtemp(prefix="darts-compare-"))
+    proc = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder / "tree"), rev],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SystemExit(f"step_time: --compare {rev}: git cannot check it out: {proc.stderr.strip().splitlines()[-1]}")
+    try:
+        yield folder / "tree"
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "tree")],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Side:
+    """A child serving rounds of this benchmark over the code at `root`."""
+
+    def __init__(self, name: str, root: Path, argv: list[str], bench: Path) -> None:
+        self.name = name
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench), str(root)])}
+        # From `bench`, the benchmark's folder (-m puts the working folder first on the path), the rest from root
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.step_time", *argv, "--serve"], cwd=bench,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask("ready")
+
+    def ask(self, request: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"step_time: the {self.name} side ended (exit {self.proc.wait()}); see its error above")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait()
+
+
+def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[str, Any]:
+    """Seconds per step of each mode on both sides, the per-round ratio this / REV and the operator counts."""
+    with tempfile.TemporaryDirectory() as bench, checkout(rev) as tree:
+        shutil.copytree(REPO / "benchmarks", Path(bench) / "benchmarks",
+                        ignore=lambda _, names: [n for n in names if n not in BENCHMARK_FILES])
+        sides = [Side("this tree's", REPO, argv, Path(bench)), Side(rev, tree, argv, Path(bench))]
+        try:
+            times: list[dict[str, list[float]]] = [{mode: [] for mode in modes} for _ in sides]
+            for round_ in range(rounds):
+                order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]
+                for i in (0, 1) if round_ % 2 == 0 else (1, 0):
+                    for mode, seconds in sides[i].ask("round " + ",".join(order)).items():
+                        times[i][mode].append(seconds)
+            counts = [side.ask("count") for side in sides]
+        finally:
+            for side in sides:
+                side.close()
+    return {"rev": rev, "modes": {mode: {
+        "this_median_s": statistics.median(times[0][mode]), "rev_median_s": statistics.median(times[1][mode]),
+        "x_rev_paired": statistics.median(a / b for a, b in zip(times[0][mode], times[1][mode])),
+        "this_times_s": times[0][mode], "rev_times_s": times[1][mode],
+        "this_launches": counts[0][mode]["launches"], "rev_launches": counts[1][mode]["launches"],
+        "this_ops": counts[0][mode]["ops"], "rev_ops": counts[1][mode]["ops"]} for mode in modes}}
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    rev = result["rev"]
+    print(f"this tree against {rev}, the same rounds (x {rev}: the median over rounds of this / {rev})")
+    print(f"{'mode':<8}{'this s':>9}{rev[:12] + ' s':>16}{'x ' + rev[:10]:>14}{'launches':>10}{rev[:10]:>12}")
+    for mode, f in result["modes"].items():
+        print(f"{mode:<8}{f['this_median_s']:>9.3f}{f['rev_median_s']:>16.3f}{f['x_rev_paired']:>14.2f}"
+              f"{f['this_launches']:>10}{f['rev_launches']:>12}")
+
+
+def serve(steps: dict[str, Any], sync: Any, count_ops: Any) -> None:
+    """The child's loop: answer `ready`, `round MODES` (seconds of one step each, in that order) and `count`."""
+    import time
+
+    for line in sys.stdin:
+        request, _, modes = line.strip().partition(" ")
+        if request == "round":
+            answer = {}
+            for mode in modes.split(","):
+                sync()
+                started = time.perf_counter()
+                steps[mode]()
+                sync()
+                answer[mode] = time.perf_counter() - started
+        elif request == "count":
+            answer = {mode: count_ops(step) for mode, step in steps.items()}
+        else:
+            answer = {"ready": True}
+        print(json.dumps(answer), flush=True)
