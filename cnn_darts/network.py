@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and_cells
+from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, forward_stem_and_cells, stem_and_cells
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.validation import check_fields
@@ -178,16 +178,18 @@ class NetworkCIFAR(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, 3, H, W) -> logits (B, num_classes), and auxiliary logits (B, num_classes) in training with the
         auxiliary head, else None."""
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)  # convs, BN, pools, sums and cat keep the layout
         aux_logits = None
-        s0 = s1 = self.stem(x)  # (B, stem_multiplier * C, H, W)
-        for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self._drop_path_prob)
+
+        def run_cell(i: int, cell: nn.Module, s0: Tensor, s1: Tensor) -> Tensor:
+            nonlocal aux_logits
+            out = cell(s0, s1, self._drop_path_prob)
             if i == self.aux_position and self.auxiliary_head is not None and self.training:
-                aux_logits = self.auxiliary_head(s1)
-        pooled = s1.mean(dim=(2, 3))  # global average pool: (B, C_last)
-        return self.classifier(pooled), aux_logits
+                aux_logits = self.auxiliary_head(out)
+            return out
+
+        logits = forward_stem_and_cells(x, self.stem, self.cells, self.classifier, self.config.channels_last,
+                                        run_cell)
+        return logits, aux_logits
 
     def num_parameters(self, include_auxiliary: bool = False) -> int:
         """Number of parameters; without the auxiliary head by default, as the paper counts (3.3M for DARTS)."""

@@ -186,3 +186,18 @@ def stem_and_cells(C: int, stem_multiplier: int, layers: int, make_cell: Callabl
         C_prev_prev, C_prev = C_prev, cell.multiplier * C
         channels.append(C_prev)
     return stem, cells, channels
+
+
+def forward_stem_and_cells(x: Tensor, stem: nn.Module, cells: nn.ModuleList, classifier: nn.Module,
+                           channels_last: bool, run_cell: Callable[[int, nn.Module, Tensor, Tensor], Tensor]
+                           ) -> Tensor:
+    """The forward of a network from `stem_and_cells`: stem, cells, global average pooling and `classifier`,
+    (B, 3, H, W) -> logits (B, num_classes). `run_cell(i, cell, s0, s1)` applies cell i to the outputs of the two
+    cells before it (the supernet passes its op weights, the derived network its drop-path probability)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # convs, BN, pools, sums and cat keep the layout
+    s0 = s1 = stem(x)  # (B, stem_multiplier * C, H, W)
+    for i, cell in enumerate(cells):
+        s0, s1 = s1, run_cell(i, cell, s0, s1)
+    pooled = s1.mean(dim=(2, 3))  # global average pool: (B, multiplier * C_last)
+    return classifier(pooled)

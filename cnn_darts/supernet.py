@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, stem_and_cells
+from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, forward_stem_and_cells, stem_and_cells
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
 from shared.sampling import Decision, none_column, one_hot_logits
@@ -178,14 +178,9 @@ class Supernet(nn.Module):
         # Softmax here, from the registered parameters, so functional_call substitutions take effect.
         weights_normal = F.softmax(self.alphas_normal, dim=-1)  # (num_edges, num_ops)
         weights_reduce = F.softmax(self.alphas_reduce, dim=-1)
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)  # convs, BN, pools and sums keep the layout
-        s0 = s1 = self.stem(x)  # (B, stem_multiplier * C, H, W)
-        for cell in self.cells:
-            weights = weights_reduce if cell.reduction else weights_normal
-            s0, s1 = s1, cell(s0, s1, weights)
-        pooled = s1.mean(dim=(2, 3))  # global average pool: (B, multiplier * C_last)
-        return self.classifier(pooled)
+        return forward_stem_and_cells(
+            x, self.stem, self.cells, self.classifier, self.config.channels_last,
+            lambda i, cell, s0, s1: cell(s0, s1, weights_reduce if cell.reduction else weights_normal))
 
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The architecture parameters by name: ALPHA_NAMES."""

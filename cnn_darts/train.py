@@ -25,7 +25,7 @@ from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, FixedGenotypeTask, SchedulerGeneratorState
-from shared.validation import check_fields
+from shared.validation import check_counts, check_fields
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.learning_rate_min <= self.learning_rate:
             raise ConfigError(f"learning_rate_min must be in [0, learning_rate], got {self.learning_rate_min}")
-        for name in ("train_images", "test_images"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value >= 1):
-                raise ConfigError(f"{name} must be a positive number of images or None (all), got {value!r}")
+        check_counts(self, "images", "train_images", "test_images")
         if not 0 <= self.drop_path_prob < 1:
             raise ConfigError(f"drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
 

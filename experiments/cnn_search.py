@@ -31,7 +31,6 @@ ex = make_experiment("cnn_search", globals())
 @ex.config
 def config() -> None:
     """The paper's convolutional-cell search on CIFAR-10 (DARTS, section 3.1)."""
-    data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
     order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
@@ -58,7 +57,6 @@ add_shared_config(ex, search=True, images=True)  # device, threads, resume, time
 @ex.named_config
 def smoke() -> None:
     """About 2.5 minutes on a 2-core CPU: a tiny supernet, second order, 2 epochs of 8 steps on 512 images."""
-    order = "second"
     epochs = 2
     batch_size = 32
     train_images = 512

@@ -29,7 +29,6 @@ ex = make_experiment("cnn_train", globals())
 @ex.config
 def config() -> None:
     """The paper's CIFAR-10 training of a found cell from scratch (600 epochs, 20 cells)."""
-    data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     genotype_from = "DARTS_V2"  # a published name (DARTS_V1, DARTS_V2), a genotype JSON file, or a search run folder
     seed = 0  # the original cnn/train.py's; seeds the weights, the held-out split, augmentation and drop path
     epochs = 600  # also the length of the cosine schedule and of the drop-path ramp

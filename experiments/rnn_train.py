@@ -68,7 +68,6 @@ def smoke() -> None:
     batch_size = 32
     eval_batch_size = 64
     test_batch_size = 64
-    learning_rate = 20.0
     nonmono = 1
     train_tokens = 30_000
     eval_tokens = 20_000

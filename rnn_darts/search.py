@@ -29,7 +29,7 @@ from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
 from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
-from shared.validation import check_at_least, check_fields
+from shared.validation import check_at_least, check_counts, check_fields
 
 log = logging.getLogger(__name__)
 ARCH_DATA = ("valid", "train")
@@ -71,10 +71,7 @@ class SearchConfig:
         for name in ("batch_size", "eval_batch_size", "bptt", "learning_rate", "grad_clip", "arch_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("train_tokens", "eval_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value >= 1):
-                raise ConfigError(f"{name} must be a positive number of tokens or None (all), got {value!r}")
+        check_counts(self, "tokens", "train_tokens", "eval_tokens")
         if self.decoder_bias not in ("zero", "unigram"):
             raise ConfigError(f"decoder_bias must be zero or unigram, got {self.decoder_bias!r}")
         if self.eval_batch_size < 2 or self.batch_size < 2:

@@ -28,7 +28,7 @@ from shared.device import check_fits
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress, FixedGenotypeTask
-from shared.validation import check_fields
+from shared.validation import check_counts, check_fields
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
-        for name in ("train_tokens", "eval_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value >= 1):
-                raise ConfigError(f"{name} must be a positive number of tokens or None (all), got {value!r}")
+        check_counts(self, "tokens", "train_tokens", "eval_tokens")
         for name in ("weight_decay", "beta", "max_seq_len_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")

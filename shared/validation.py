@@ -63,3 +63,12 @@ def check_at_least(config: Any, low: float, *names: str) -> None:
         value = getattr(config, name)
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value!r}")
+
+
+def check_counts(config: Any, unit: str, *names: str) -> None:
+    """One ConfigError unless each named field is None (all) or a count >= 1 of `unit` (tokens, images): how many
+    of the data's first items a run uses."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not value >= 1):
+            raise ConfigError(f"{name} must be a positive number of {unit} or None (all), got {value!r}")

@@ -139,6 +139,7 @@ def corpus_config() -> None:  # the corpus of the recurrent-cell experiments (rn
 
 
 def image_config() -> None:  # the images of the convolutional-cell experiments (cnn_darts.data.ImageDataConfig)
+    data_dir = None  # CIFAR-10 python files (tarball, batches folder or files); None: $DARTS_DATA_DIR, ./data, hub
     dataset = "cifar10"  # cifar10 (python files in data_dir, else the hub), or a `datasets` saved folder or hub name
     image_column = None  # another dataset's image column; None: its first Image column (else img, image)
     label_column = None  # another dataset's label column; None: its first ClassLabel column (else label, labels)

@@ -19,19 +19,15 @@ from experiments.report import main as report_main
 from shared.genotypes import published, to_dict
 from tests.cnn_darts.test_data import _fake_objects, _pickled, _write
 from tests.conftest import run_experiment
+from tests.experiments.conftest import TINY, TRAIN_TINY, tiny_data
 from tests.rnn_darts.test_search import write_corpus
 
-RNN_TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "emsize=12", "nhid=12", "steps=3", "train_tokens=None",
-            "threads=1")
-CNN_TINY = ("train_images=None", "batch_size=8", "init_channels=4", "layers=3", "steps=2", "threads=1")
-RNN_TRAIN_TINY = ("batch_size=4", "eval_batch_size=3", "test_batch_size=3", "bptt=6", "emsize=12", "nhid=12",
-                  "train_tokens=None", "eval_tokens=None", "threads=1")
-CNN_TRAIN_TINY = ("train_images=None", "valid_images=8", "test_images=None", "batch_size=8", "init_channels=4",
-                  "layers=3", "threads=1")
-ARGS = {"rnn_search": ("with", "smoke", "data_dir={ptb}", *RNN_TINY),
+# All 100 generated images (6 steps an epoch, not 2): test_faults runs ARGS and kills each at step 1 to 4 of epoch 2.
+CNN_TINY = (*TINY["cnn"], "train_images=None")
+ARGS = {"rnn_search": ("with", "smoke", "data_dir={ptb}", *TINY["rnn"]),
         "cnn_search": ("with", "smoke", "data_dir={cifar}", *CNN_TINY),
-        "rnn_train": ("with", "smoke", "data_dir={ptb}", *RNN_TRAIN_TINY),
-        "cnn_train": ("with", "smoke", "data_dir={cifar}", *CNN_TRAIN_TINY)}
+        "rnn_train": ("with", "smoke", "data_dir={ptb}", *TRAIN_TINY["rnn"]),
+        "cnn_train": ("with", "smoke", "data_dir={cifar}", *TRAIN_TINY["cnn"])}
 # Sacred's own log lines (run start, failure time) and the warning sacred's import raises are not error lines.
 NOT_ERROR = re.compile(r"^(INFO|WARNING|DEBUG) - |^ERROR - \S+ - Failed after|pkg_resources|^\s*import pkg_resources")
 
@@ -131,8 +127,8 @@ def snapshot(folders: list[Path]) -> dict[str, tuple[int, int]]:
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Data, earlier runs of both searches, and broken files for the cases to point at."""
     root = tmp_path_factory.mktemp("world")
-    paths = {"ptb": write_corpus(root / "ptb"), "ptb_other": write_corpus(root / "ptb_other", words=31, seed=1),
-             "cifar": _write(root / "cifar10", "folder", _pickled(_fake_objects())),
+    paths = {"ptb": tiny_data("rnn", root), "ptb_other": write_corpus(root / "ptb_other", words=31, seed=1),
+             "cifar": tiny_data("cnn", root),
              "cifar_other": _write(root / "cifar10_other", "folder", _pickled(_fake_objects(seed=1))),
              "nowhere": root / "nowhere", "file": root / "file.txt", "garbage": root / "garbage.pt",
              "broken_run": root / "broken" / "1", "fractional_genotype": root / "fractional.json",
@@ -146,7 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["fractional_genotype"].write_text(json.dumps(rnn))
     paths["cnn_genotype"].write_text(json.dumps(to_dict(published("cnn", "DARTS_V2"))))
     paths["rnn_genotype"].write_text(json.dumps(to_dict(published("rnn", "DARTS_V2"))))
-    for name, args in (("rnn_search", ("with", "smoke", f"data_dir={paths['ptb']}", *RNN_TINY, "epochs=1")),
+    for name, args in (("rnn_search", ("with", "smoke", f"data_dir={paths['ptb']}", *TINY["rnn"], "epochs=1")),
                        # stopped after its first epoch by a time limit, so that a resume has an epoch left
                        ("cnn_search", ("with", "smoke", f"data_dir={paths['cifar']}", *CNN_TINY, "time_limit=1e-6"))):
         result = run_experiment(name, *args, runs=root / f"{name}_runs")

@@ -1,4 +1,5 @@
-"""The CIFAR-10 search as a user runs it: records, artifacts, resume, one-line errors, the printed config, real data."""
+"""The CIFAR-10 search as a user runs it: records, artifacts, resume, one-line errors, real data (the printed config:
+test_configs.py)."""
 from __future__ import annotations
 
 import json
@@ -9,27 +10,12 @@ import pytest
 
 from shared.genotypes import CNNGenotype, load
 from tests.cnn_darts.test_data import _fake_objects, _pickled, _write
-from tests.conftest import assert_printed_config, real_data, run_experiment
-
-# The smoke config shrunk to 32 of the generated images (2 steps an epoch) in the official folder layout.
-TINY = ("train_images=32", "batch_size=8", "init_channels=4", "layers=3", "steps=2", "threads=1")
-
-
-def tiny_data(tmp_path: Path) -> Path:
-    """The generated images under `tmp_path` (written when missing)."""
-    data = tmp_path / "cifar10"
-    if not data.exists():
-        _write(data, "folder", _pickled(_fake_objects()))
-    return data
-
-
-def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
-    return run_experiment("cnn_search", "with", "smoke", f"data_dir={tiny_data(tmp_path)}", *TINY, *args,
-                          runs=runs or tmp_path / "runs")
+from tests.conftest import real_data, run_experiment
+from tests.experiments.conftest import TINY, tiny_search
 
 
 def test_a_search_records_curves_genotypes_alphas_and_checkpoint(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "epochs=2")
+    result = tiny_search("cnn", tmp_path, "epochs=2")
     assert result.returncode == 0, result.stderr
     run, metrics, folder = result.run_json(), result.metrics(), result.run_dir()
     assert run["status"] == "COMPLETED"
@@ -50,11 +36,11 @@ def test_a_search_records_curves_genotypes_alphas_and_checkpoint(tmp_path: Path)
 
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: Path) -> None:
-    whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
-    first = tiny_search(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
+    whole = tiny_search("cnn", tmp_path, "epochs=2", runs=tmp_path / "whole")
+    first = tiny_search("cnn", tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
     assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
     assert first.metrics(1)["valid_acc"]["steps"] == [1]
-    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    resumed = tiny_search("cnn", tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert resumed.returncode == 0, whole.stderr + first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "valid_acc"):
         assert resumed.metrics(2)[name]["values"] == whole.metrics()[name]["values"], name
@@ -62,9 +48,9 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one(tmp_path: P
 
 
 def test_resume_may_not_change_the_length_of_the_cosine_schedule(tmp_path: Path) -> None:
-    first = tiny_search(tmp_path, "epochs=1")
+    first = tiny_search("cnn", tmp_path, "epochs=1")
     assert first.returncode == 0, first.stderr
-    result = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    result = tiny_search("cnn", tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "resume: the config differs from the checkpoint's (epochs: checkpoint 1, now 2)" in result.stderr
 
@@ -80,20 +66,9 @@ def test_missing_data_offline_is_one_line_naming_both_remedies(tmp_path: Path) -
 def test_a_corrupt_batch_file_is_one_line_naming_the_file(tmp_path: Path) -> None:
     folder = _write(tmp_path / "cifar10", "folder", _pickled(_fake_objects()))
     (folder / "data_batch_3").write_bytes(b"not a pickle at all")
-    result = tiny_search(tmp_path, "epochs=1")
+    result = tiny_search("cnn", tmp_path, "epochs=1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "data_batch_3" in result.stderr
-
-
-PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 64", "learning_rate = 0.025",
-                "learning_rate_min = 0.001", "momentum = 0.9", "weight_decay = 0.0003", "grad_clip = 5.0",
-                "arch_learning_rate = 0.0003", "arch_weight_decay = 0.001", "train_portion = 0.5",
-                "init_channels = 16", "layers = 8", "steps = 4")
-
-
-@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
-def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
-    assert_printed_config("cnn_search", args, PAPER_VALUES, tmp_path / "runs")
 
 
 @pytest.mark.slow
@@ -118,7 +93,7 @@ FIRE_AT_ONCE = ("hessian_every=1", "early_stop=robust", "early_stop_start=0", "e
 
 
 def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs_genotype(tmp_path: Path) -> None:
-    stopped = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE)
+    stopped = tiny_search("cnn", tmp_path, "epochs=3", *FIRE_AT_ONCE)
     assert stopped.returncode == 0, stopped.stderr
     run, metrics, folder = stopped.run_json(), stopped.metrics(), stopped.run_dir()
     info = json.loads((folder / "info.json").read_text())
@@ -135,11 +110,11 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
     assert info["result"]["genotype"] == epoch_one == json.loads((folder / "genotype.json").read_text())
     assert info["result"]["early_stop"] == info["early_stop"]
 
-    again = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE, f"resume={folder}")
+    again = tiny_search("cnn", tmp_path, "epochs=3", *FIRE_AT_ONCE, f"resume={folder}")
     assert again.returncode != 0 and "Traceback" not in again.stderr
     assert "resume: the search stopped early after epoch 2" in again.stderr and "early_stop=off" in again.stderr
 
-    onward = tiny_search(tmp_path, "epochs=3", *FIRE_AT_ONCE[:1], f"resume={folder}")  # early_stop off
+    onward = tiny_search("cnn", tmp_path, "epochs=3", *FIRE_AT_ONCE[:1], f"resume={folder}")  # early_stop off
     assert onward.returncode == 0, onward.stderr
     info = json.loads((onward.run_dir() / "info.json").read_text())
     assert "early_stop" not in info and onward.metrics()["valid_acc"]["steps"] == [1, 2, 3]
@@ -147,7 +122,7 @@ def test_an_early_stop_ends_the_search_records_why_and_returns_the_chosen_epochs
 
 
 def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path: Path) -> None:
-    whole = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", runs=tmp_path / "whole")
+    whole = tiny_search("cnn", tmp_path, "epochs=2", "strategy=random", "select_cells=3", runs=tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     metrics, folder = whole.metrics(), whole.run_dir()
     for name in ("train_loss", "train_acc", "valid_loss", "valid_acc", "skip_connect_normal", "edge_entropy"):
@@ -156,8 +131,9 @@ def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path
     genotype = load(folder / "genotype.json")
     assert isinstance(genotype, CNNGenotype) and all(op != "none" for op, _ in genotype.normal + genotype.reduce)
     assert metrics["edge_entropy"]["values"] == [0.0, 0.0]  # the recorded alphas are the chosen one-hot cell
-    first = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", "time_limit=1e-9")
-    resumed = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3", f"resume={first.run_dir(1)}")
+    first = tiny_search("cnn", tmp_path, "epochs=2", "strategy=random", "select_cells=3", "time_limit=1e-9")
+    resumed = tiny_search("cnn", tmp_path, "epochs=2", "strategy=random", "select_cells=3",
+                          f"resume={first.run_dir(1)}")
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "valid_acc"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
@@ -166,7 +142,7 @@ def test_random_search_records_the_standard_metrics_and_resumes_exactly(tmp_path
 
 def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: Path) -> None:
     args = ("epochs=2", "strategy=reinforce", "select_cells=3", "controller_every=2", "controller_samples=2")
-    whole = tiny_search(tmp_path, *args, runs=tmp_path / "whole")
+    whole = tiny_search("cnn", tmp_path, *args, runs=tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     metrics = whole.metrics()
     for name in ("train_loss", "valid_acc", "skip_connect_normal", "controller_reward", "controller_entropy"):
@@ -174,8 +150,8 @@ def test_reinforce_search_records_the_controller_and_resumes_exactly(tmp_path: P
     assert all(0 <= v <= 1 for v in metrics["controller_reward"]["values"])  # accuracy on an architecture batch
     genotype = load(whole.run_dir() / "genotype.json")
     assert all(op != "none" for op, _ in genotype.normal + genotype.reduce)
-    first = tiny_search(tmp_path, *args, "time_limit=1e-9")
-    resumed = tiny_search(tmp_path, *args, f"resume={first.run_dir(1)}")
+    first = tiny_search("cnn", tmp_path, *args, "time_limit=1e-9")
+    resumed = tiny_search("cnn", tmp_path, *args, f"resume={first.run_dir(1)}")
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr
     for name in ("train_loss", "valid_loss", "controller_reward", "controller_entropy"):
         assert resumed.metrics(2)[name]["values"] == metrics[name]["values"], name
@@ -196,11 +172,12 @@ def test_any_datasets_image_dataset_is_searched_from_the_command_line(tmp_path: 
 
     datasets.DatasetDict(fit=split(32), held_out=split(12)).save_to_disk(str(tmp_path / "shapes"))
     args = ("with", "smoke", f"dataset={tmp_path / 'shapes'}", "image_column=picture", "label_column=kind",
-            "train_split=fit", "test_split=held_out", *TINY, "epochs=1")
+            "train_split=fit", "test_split=held_out", *TINY["cnn"], "epochs=1")
     result = run_experiment("cnn_search", *args, runs=tmp_path / "runs")
     assert result.returncode == 0, result.stderr
     assert "3 classes, images (3, 16, 16), 32 train, 12 test" in result.stderr
     assert 0 <= result.run_json()["result"] <= 1
-    wrong = run_experiment("cnn_search", *args[:-3], "test_split=nope", *TINY, "epochs=1", runs=tmp_path / "runs")
+    wrong = run_experiment("cnn_search", *args[:-3], "test_split=nope", *TINY["cnn"], "epochs=1",
+                           runs=tmp_path / "runs")
     assert wrong.returncode != 0 and "needs a 'fit' and 'nope' split, found ['fit', 'held_out']" in wrong.stderr
     assert "Traceback" not in wrong.stderr

@@ -1,19 +1,41 @@
 """One source for every config value: each experiment's Sacred defaults are the defaults of the dataclasses it fills,
-`with paper` changes nothing, and every key reaches a dataclass or the run itself."""
+they are the paper's values, `with paper` changes nothing, and every key reaches a dataclass or the run itself."""
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from experiments.tracking.config import RunConfig
+from tests.conftest import assert_printed_config
 
 EXPERIMENTS = ("rnn_search", "cnn_search", "rnn_train", "cnn_train")
 # Keys the experiment or the shared run loop reads itself, not through a dataclass it fills (RunConfig's), and a
 # training's genotype.
 RUN_KEYS = {field.name for field in dataclasses.fields(RunConfig)} | {"genotype_from"}
+# The published values (the DARTS paper and its original code) each experiment's defaults and `with paper` hold, as
+# print_config shows them.
+PAPER_VALUES = {
+    "rnn_search": ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 35", "learning_rate = 20.0",
+                   "weight_decay = 5e-07", "grad_clip = 0.25", "beta = 0.001", "arch_learning_rate = 0.003",
+                   "arch_weight_decay = 0.001", "emsize = 300", "nhid = 300", "steps = 8", "dropout = 0.75",
+                   "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.0", "arch_data = 'valid'"),
+    "cnn_search": ("order = 'second'", "epochs = 50", "batch_size = 64", "learning_rate = 0.025",
+                   "learning_rate_min = 0.001", "momentum = 0.9", "weight_decay = 0.0003", "grad_clip = 5.0",
+                   "arch_learning_rate = 0.0003", "arch_weight_decay = 0.001", "train_portion = 0.5",
+                   "init_channels = 16", "layers = 8", "steps = 4"),
+    "rnn_train": ("genotype_from = 'DARTS_V2'", "epochs = 8000", "batch_size = 64", "learning_rate = 20.0",
+                  "weight_decay = 8e-07", "grad_clip = 0.25", "nonmono = 5", "emsize = 850", "nhid = 850",
+                  "dropout = 0.75", "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.1",
+                  "bptt = 35", "test_batch_size = 1"),
+    "cnn_train": ("genotype_from = 'DARTS_V2'", "epochs = 600", "batch_size = 96", "learning_rate = 0.025",
+                  "momentum = 0.9", "weight_decay = 0.0003", "grad_clip = 5.0", "auxiliary = True",
+                  "auxiliary_weight = 0.4", "drop_path_prob = 0.2", "cutout_size = 16", "init_channels = 36",
+                  "layers = 20"),
+}
 
 
 def sacred_defaults(ex: Any, named: str | None = None) -> dict[str, Any]:
@@ -58,6 +80,12 @@ def test_every_key_reaches_a_dataclass_or_the_run(name: str) -> None:
 def test_with_paper_is_the_defaults(name: str) -> None:
     ex = importlib.import_module(f"experiments.{name}").ex
     assert sacred_defaults(ex, "paper") == sacred_defaults(ex)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
+def test_print_config_shows_the_papers_values(name: str, args: tuple[str, ...], tmp_path: Path) -> None:
+    assert_printed_config(name, args, PAPER_VALUES[name], tmp_path / "runs")
 
 
 def test_a_checkpoint_from_before_a_key_was_added_resumes_only_with_the_old_behaviour() -> None:

@@ -19,7 +19,7 @@ from shared import checkpoint
 from shared.errors import CheckpointError
 from tests.conftest import REPO, run_experiment
 from tests.experiments.test_faults import curves
-from tests.experiments.test_rnn_search import TINY, tiny_data
+from tests.experiments.conftest import TINY, tiny_data
 
 
 def torchrun(module: str, *args: str, runs: Path, processes: int = 2, restarts: int = 0) -> subprocess.Popen:
@@ -62,8 +62,8 @@ def epoch_of(path: Path) -> int | None:
 @pytest.mark.slow
 def test_two_processes_record_once_and_a_dead_one_restarts_the_job_from_its_checkpoint_or_one_resumes_it(
         tmp_path: Path) -> None:
-    runs, data = tmp_path / "runs", tiny_data(tmp_path)
-    args = ("with", "smoke", f"data_dir={data}", *TINY, "epochs=2")
+    runs, data = tmp_path / "runs", tiny_data("rnn", tmp_path)
+    args = ("with", "smoke", f"data_dir={data}", *TINY["rnn"], "epochs=2")
     agent = torchrun("rnn_search", *args, runs=runs, restarts=1)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill rank 1 in epoch 2, once epoch 1's checkpoint is written

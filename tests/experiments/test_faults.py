@@ -18,9 +18,8 @@ import torch
 
 from shared import checkpoint
 from tests.conftest import REPO, run_experiment
+from tests.experiments.conftest import tiny_data
 from tests.experiments.test_bad_inputs import ARGS
-from tests.cnn_darts.test_data import _fake_objects, _pickled, _write
-from tests.rnn_darts.test_search import write_corpus
 
 EXPERIMENTS = ("rnn_search", "cnn_search", "rnn_train", "cnn_train")
 
@@ -28,7 +27,7 @@ EXPERIMENTS = ("rnn_search", "cnn_search", "rnn_train", "cnn_train")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    return {"ptb": write_corpus(root / "ptb"), "cifar": _write(root / "cifar10", "folder", _pickled(_fake_objects()))}
+    return {"ptb": tiny_data("rnn", root), "cifar": tiny_data("cnn", root)}
 
 
 def args_for(name: str, data: dict[str, Path], *extra: str) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from experiments.tracking.experiment import package_sources
 from experiments.reproduce import Record, main, source_changes
 from tests.conftest import REPO, run_experiment
-from tests.experiments.test_rnn_search import TINY
+from tests.experiments.conftest import TINY
 from tests.rnn_darts.test_search import write_corpus
 
 # The tiny search of test_rnn_search on a few hundred tokens: a few seconds per epoch.
@@ -34,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """runs/1: a one-epoch tiny search; runs/2: it resumed to two epochs. Each test gets its own copy."""
     root = tmp_path_factory.mktemp("reproduce")
     corpus = write_corpus(root / "corpus")
-    search = ("with", "smoke", f"data_dir={corpus}", *TINY, *SHORT)
+    search = ("with", "smoke", f"data_dir={corpus}", *TINY["rnn"], *SHORT)
     first = run_experiment("rnn_search", *search, "epochs=1", runs=root / "runs")
     resumed = run_experiment("rnn_search", *search, "epochs=2", f"resume={root / 'runs' / '1'}", runs=root / "runs")
     assert first.returncode == 0 and resumed.returncode == 0, first.stderr + resumed.stderr

@@ -1,4 +1,5 @@
-"""The PTB search as a user runs it: records, artifacts, resume, one-line errors, the printed config, real PTB."""
+"""The PTB search as a user runs it: records, artifacts, resume, one-line errors, real PTB (the printed config:
+test_configs.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,29 +10,13 @@ from pathlib import Path
 import pytest
 
 from shared.genotypes import RNNGenotype, load
-from tests.conftest import assert_printed_config, real_data, run_experiment
+from tests.conftest import real_data, run_experiment
+from tests.experiments.conftest import tiny_search
 from tests.rnn_darts.test_search import write_corpus
-
-# The smoke config shrunk to a generated 30-word corpus: seconds per run.
-TINY = ("batch_size=4", "eval_batch_size=3", "bptt=6", "emsize=12", "nhid=12", "steps=3",
-        "train_tokens=None", "threads=1")
-
-
-def tiny_data(tmp_path: Path) -> Path:
-    """The generated corpus under `tmp_path` (written when missing)."""
-    corpus = tmp_path / "corpus"
-    if not corpus.exists():
-        write_corpus(corpus)
-    return corpus
-
-
-def tiny_search(tmp_path: Path, *args: str, runs: Path | None = None):
-    return run_experiment("rnn_search", "with", "smoke", f"data_dir={tiny_data(tmp_path)}", *TINY, *args,
-                          runs=runs or tmp_path / "runs")
 
 
 def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "epochs=2")
+    result = tiny_search("rnn", tmp_path, "epochs=2")
     assert result.returncode == 0, result.stderr
     run, metrics, folder = result.run_json(), result.metrics(), result.run_dir()
     assert run["status"] == "COMPLETED"
@@ -53,14 +38,14 @@ def test_a_search_records_curves_genotypes_alphas_tokenizer_and_checkpoint(tmp_p
 
 
 def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_the_old(tmp_path: Path) -> None:
-    whole = tiny_search(tmp_path, "epochs=2", runs=tmp_path / "whole")
-    first = tiny_search(tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
+    whole = tiny_search("rnn", tmp_path, "epochs=2", runs=tmp_path / "whole")
+    first = tiny_search("rnn", tmp_path, "epochs=2", "time_limit=1e-9")  # stops after its first epoch
     assert whole.returncode == 0 and first.returncode == 0, whole.stderr + first.stderr
     stopped = json.loads((first.run_dir(1) / "info.json").read_text())["stopped_early"]
     assert stopped == {"after_epoch": 1, "of": 2, "resume": f"resume={first.run_dir(1)}"}
     old = first.run_dir(1) / "checkpoint.pt"
     digest = hashlib.sha256(old.read_bytes()).hexdigest()
-    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    resumed = tiny_search("rnn", tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.run_dir().name == "2"
     assert resumed.metrics(2)["valid_ppl"]["values"] == whole.metrics()["valid_ppl"]["values"]
@@ -69,17 +54,17 @@ def test_resume_continues_in_a_new_run_equal_to_an_uninterrupted_one_and_keeps_t
 
 
 def test_resume_may_extend_the_search(tmp_path: Path) -> None:
-    first = tiny_search(tmp_path, "epochs=1")
-    resumed = tiny_search(tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
+    first = tiny_search("rnn", tmp_path, "epochs=1")
+    resumed = tiny_search("rnn", tmp_path, "epochs=2", f"resume={first.run_dir(1)}")
     assert resumed.returncode == 0, first.stderr + resumed.stderr
     assert resumed.metrics(2)["valid_ppl"]["steps"] == [1, 2]
     assert resumed.metrics(2)["valid_ppl"]["values"][0] == first.metrics(1)["valid_ppl"]["values"][0]
 
 
 def test_resume_with_another_config_is_one_clear_line(tmp_path: Path) -> None:
-    first = tiny_search(tmp_path, "epochs=1")
+    first = tiny_search("rnn", tmp_path, "epochs=1")
     assert first.returncode == 0, first.stderr
-    result = tiny_search(tmp_path, "epochs=2", "learning_rate=7.0", f"resume={first.run_dir(1)}")
+    result = tiny_search("rnn", tmp_path, "epochs=2", "learning_rate=7.0", f"resume={first.run_dir(1)}")
     assert result.returncode != 0
     assert "resume: the config differs from the checkpoint's (learning_rate: checkpoint 5.0, now 7.0)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -98,7 +83,7 @@ def test_a_missing_corpus_offline_is_one_line_naming_both_remedies(tmp_path: Pat
 def test_a_malformed_corpus_file_is_one_line_naming_the_file(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus")
     (corpus / "ptb.valid.txt").write_bytes(b"w1 w2\n\xff\xfe broken\n")
-    result = tiny_search(tmp_path, "epochs=1")
+    result = tiny_search("rnn", tmp_path, "epochs=1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "ptb.valid.txt is not UTF-8 text" in result.stderr
@@ -111,29 +96,18 @@ def test_a_malformed_corpus_file_is_one_line_naming_the_file(tmp_path: Path) -> 
     (("input_init_range=-1.0",), "input_init_range must be a positive number, got -1.0"),
 ])
 def test_a_bad_config_value_is_one_clear_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    result = tiny_search(tmp_path, *args)
+    result = tiny_search("rnn", tmp_path, *args)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr
 
 
 def test_resuming_a_finished_search_says_nothing_is_left(tmp_path: Path) -> None:
-    first = tiny_search(tmp_path, "epochs=1")
+    first = tiny_search("rnn", tmp_path, "epochs=1")
     assert first.returncode == 0, first.stderr
-    result = tiny_search(tmp_path, "epochs=1", f"resume={first.run_dir(1)}")
+    result = tiny_search("rnn", tmp_path, "epochs=1", f"resume={first.run_dir(1)}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert ("the checkpoint has done 1 epochs and epochs=1: nothing is left to run; raise epochs above 1"
             in result.stderr)
-
-
-PAPER_VALUES = ("order = 'second'", "epochs = 50", "batch_size = 256", "bptt = 35", "learning_rate = 20.0",
-                "weight_decay = 5e-07", "grad_clip = 0.25", "beta = 0.001", "arch_learning_rate = 0.003",
-                "arch_weight_decay = 0.001", "emsize = 300", "nhid = 300", "steps = 8", "dropout = 0.75",
-                "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.0", "arch_data = 'valid'")
-
-
-@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
-def test_print_config_shows_the_papers_values(tmp_path: Path, args: tuple[str, ...]) -> None:
-    assert_printed_config("rnn_search", args, PAPER_VALUES, tmp_path / "runs")
 
 
 @pytest.mark.slow
@@ -156,13 +130,13 @@ def test_smoke_search_on_real_ptb_ends_ten_percent_below_the_unigram_perplexity(
                                                ("2.5", "threads must be an integer, got 2.5"),
                                                ("True", "threads must be an integer, got True")])
 def test_bad_threads_is_one_line(tmp_path: Path, value: str, message: str) -> None:
-    result = tiny_search(tmp_path, f"threads={value}")
+    result = tiny_search("rnn", tmp_path, f"threads={value}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr
 
 
 def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "epochs=2", "strategy=random", "select_cells=3")
+    result = tiny_search("rnn", tmp_path, "epochs=2", "strategy=random", "select_cells=3")
     assert result.returncode == 0, result.stderr
     metrics = result.metrics()
     for name in ("train_ppl", "valid_ppl", "identity_share", "edge_entropy"):
@@ -173,7 +147,7 @@ def test_random_search_records_the_standard_metrics_and_a_valid_genotype(tmp_pat
 
 
 def test_reinforce_search_records_the_controller_and_a_valid_genotype(tmp_path: Path) -> None:
-    result = tiny_search(tmp_path, "epochs=2", "strategy=reinforce", "select_cells=3", "controller_every=3")
+    result = tiny_search("rnn", tmp_path, "epochs=2", "strategy=reinforce", "select_cells=3", "controller_every=3")
     assert result.returncode == 0, result.stderr
     metrics = result.metrics()
     for name in ("train_ppl", "valid_ppl", "controller_reward", "controller_baseline", "controller_entropy"):
@@ -185,6 +159,6 @@ def test_reinforce_search_records_the_controller_and_a_valid_genotype(tmp_path: 
 
 @pytest.mark.parametrize("value", ["resume=''", "resume=' '"])
 def test_an_empty_resume_is_one_line_not_a_fresh_run(tmp_path: Path, value: str) -> None:
-    result = tiny_search(tmp_path, "epochs=1", value)
+    result = tiny_search("rnn", tmp_path, "epochs=1", value)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "resume must be a run folder or checkpoint.pt" in result.stderr

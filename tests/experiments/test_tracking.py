@@ -21,7 +21,7 @@ from experiments.report import main as report_main
 from experiments.tracking import database, mongo, observers
 from shared.errors import ConfigError
 from tests.conftest import run_experiment
-from tests.experiments.test_rnn_search import TINY
+from tests.experiments.conftest import TINY
 from tests.rnn_darts.test_search import write_corpus
 from tests.postgres import postgres_server
 
@@ -51,7 +51,7 @@ def test_a_search_recorded_in_postgresql_keeps_metrics_one_copy_of_each_artifact
         tmp_path: Path, postgres_url: str) -> None:
     write_corpus(tmp_path / "corpus")
     recorded = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}",
-                              *TINY, "epochs=2", runs=tmp_path / "team", env={"DARTS_SQL_URL": postgres_url})
+                              *TINY["rnn"], "epochs=2", runs=tmp_path / "team", env={"DARTS_SQL_URL": postgres_url})
     assert recorded.returncode == 0, recorded.stderr
     folder = recorded.run_dir()
     run_id = folder.name
@@ -196,7 +196,7 @@ def test_a_search_recorded_in_mongodb_keeps_one_copy_of_each_artifact_and_report
     from experiments import rnn_search
 
     write_corpus(tmp_path / "corpus")
-    updates = dict(item.split("=", 1) for item in TINY)
+    updates = dict(item.split("=", 1) for item in TINY["rnn"])
     updates = {key: None if value == "None" else int(value) for key, value in updates.items()}
     run = rnn_search.ex.run(named_configs=["smoke"], config_updates={**updates, "epochs": 2,
                                                                      "data_dir": str(tmp_path / "corpus")})
@@ -234,7 +234,7 @@ def test_a_real_mongod_records_a_run(tmp_path: Path) -> None:
 
 def test_captured_output_keeps_every_epoch_line_and_the_result_and_no_progress_bar(tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus")
-    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY, "epochs=3",
+    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY["rnn"], "epochs=3",
                             runs=tmp_path / "runs")
     assert result.returncode == 0, result.stderr
     cout = (result.run_dir() / "cout.txt").read_text()
@@ -247,7 +247,7 @@ def test_captured_output_keeps_every_epoch_line_and_the_result_and_no_progress_b
 def test_sigterm_ends_a_run_as_interrupted_with_the_resume_command_and_the_resume_finishes_it(
         tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus")
-    args = ("with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY)
+    args = ("with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY["rnn"])
     process = subprocess.Popen([sys.executable, "-m", "experiments.rnn_search", *args, "epochs=200"],
                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
@@ -284,7 +284,7 @@ def test_tensorboard_event_files_hold_every_metric_of_the_run(tmp_path: Path) ->
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     write_corpus(tmp_path / "corpus")
-    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY, "epochs=2",
+    result = run_experiment("rnn_search", "with", "smoke", f"data_dir={tmp_path / 'corpus'}", *TINY["rnn"], "epochs=2",
                             "tensorboard=True", runs=tmp_path / "runs")
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(result.run_dir() / "tensorboard"))

@@ -1,60 +1,37 @@
 """Training a cell from scratch as a user runs it, for both spaces: the three genotype sources, records, the test
-metric, resume, one-line errors, the printed config, and real-data smokes."""
+metric, resume, one-line errors and real-data smokes (the printed config: test_configs.py)."""
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from experiments.report import build_report
 from shared.genotypes import published, to_dict
-from tests.conftest import RunResult, assert_printed_config, real_data, run_experiment
-from tests.experiments import test_cnn_search, test_rnn_search
+from tests.conftest import RunResult, real_data, run_experiment
+from tests.experiments.conftest import TRAIN_TINY, tiny_data, tiny_search
 
 
 @dataclass(frozen=True)
 class Space:
     name: str  # rnn | cnn
-    tiny_search: Callable[..., RunResult]  # (tmp_path, *args, runs=) -> a search run on generated data
-    tiny_data: Callable[[Path], Path]  # tmp_path -> the generated data folder
-    tiny: tuple[str, ...]  # the smoke config shrunk to the generated data
     curves: tuple[str, ...]  # metrics logged every epoch
     test_metric: str
-    paper: tuple[str, ...]  # lines print_config shows with `paper`
 
     @property
     def module(self) -> str:
         return f"{self.name}_train"
 
-    def data_dir(self, tmp_path: Path) -> Path:
-        """The generated data the tiny search reads (written when missing)."""
-        return self.tiny_data(tmp_path)
-
     def train(self, tmp_path: Path, *args: str, runs: Path | None = None) -> RunResult:
-        return run_experiment(self.module, "with", "smoke", f"data_dir={self.data_dir(tmp_path)}", *self.tiny, *args,
-                              runs=runs or tmp_path / "runs")
+        return run_experiment(self.module, "with", "smoke", f"data_dir={tiny_data(self.name, tmp_path)}",
+                              *TRAIN_TINY[self.name], *args, runs=runs or tmp_path / "runs")
 
 
-RNN = Space("rnn", test_rnn_search.tiny_search, test_rnn_search.tiny_data,
-            ("batch_size=4", "eval_batch_size=3", "test_batch_size=2", "bptt=6", "max_seq_len_delta=3", "emsize=12",
-             "nhid=12", "train_tokens=None", "eval_tokens=None", "threads=1"),
-            ("train_loss", "train_ppl", "valid_loss", "valid_ppl", "averaged", "epoch_time"), "test_ppl",
-            ("genotype_from = 'DARTS_V2'", "epochs = 8000", "batch_size = 64", "learning_rate = 20.0",
-             "weight_decay = 8e-07", "grad_clip = 0.25", "nonmono = 5", "emsize = 850", "nhid = 850",
-             "dropout = 0.75", "dropouth = 0.25", "dropoutx = 0.75", "dropouti = 0.2", "dropoute = 0.1",
-             "bptt = 35", "test_batch_size = 1"))
-CNN = Space("cnn", test_cnn_search.tiny_search, test_cnn_search.tiny_data,
-            ("train_images=None", "valid_images=12", "test_images=None", "batch_size=8", "init_channels=4",
-             "layers=3", "threads=1"),
-            ("train_loss", "train_acc", "valid_loss", "valid_acc", "drop_path_prob", "epoch_time"), "test_acc",
-            ("genotype_from = 'DARTS_V2'", "epochs = 600", "batch_size = 96", "learning_rate = 0.025",
-             "momentum = 0.9", "weight_decay = 0.0003", "grad_clip = 5.0", "auxiliary = True",
-             "auxiliary_weight = 0.4", "drop_path_prob = 0.2", "cutout_size = 16", "init_channels = 36",
-             "layers = 20"))
+RNN = Space("rnn", ("train_loss", "train_ppl", "valid_loss", "valid_ppl", "averaged", "epoch_time"), "test_ppl")
+CNN = Space("cnn", ("train_loss", "train_acc", "valid_loss", "valid_acc", "drop_path_prob", "epoch_time"), "test_acc")
 SPACES = pytest.mark.parametrize("space", [RNN, CNN], ids=["rnn", "cnn"])
 
 
@@ -94,7 +71,7 @@ def test_a_training_from_a_genotype_file_records_the_file(space: Space, tmp_path
 
 @SPACES
 def test_a_training_from_a_search_run_folder_takes_its_final_genotype(space: Space, tmp_path: Path) -> None:
-    search = space.tiny_search(tmp_path, "epochs=2", runs=tmp_path / "searches")
+    search = tiny_search(space.name, tmp_path, "epochs=2", runs=tmp_path / "searches")
     assert search.returncode == 0, search.stderr
     folder = search.run_dir()
     result = space.train(tmp_path, "epochs=1", f"genotype_from={folder}")
@@ -156,18 +133,12 @@ def test_a_resume_must_train_the_checkpoints_genotype(space: Space, tmp_path: Pa
 
 @SPACES
 def test_a_failed_search_run_folder_is_refused_in_one_line(space: Space, tmp_path: Path) -> None:
-    search = space.tiny_search(tmp_path, f"data_dir={tmp_path / 'missing'}", runs=tmp_path / "searches")  # fails
+    search = tiny_search(space.name, tmp_path, f"data_dir={tmp_path / 'missing'}", runs=tmp_path / "searches")  # fails
     assert search.run_json()["status"] == "FAILED"
     result = space.train(tmp_path, f"genotype_from={search.run_dir()}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{search.run_dir()} is a FAILED run" in result.stderr
     assert f"genotype_from={search.run_dir() / 'genotype.json'}" in result.stderr
-
-
-@SPACES
-@pytest.mark.parametrize("args", [(), ("with", "paper")], ids=["defaults", "paper"])
-def test_print_config_shows_the_papers_values(space: Space, args: tuple[str, ...], tmp_path: Path) -> None:
-    assert_printed_config(space.module, args, space.paper, tmp_path / "runs")
 
 
 @pytest.mark.slow
