@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARK_FILES = ("__init__.py", "step_time.py", "op_count.py", "compare.py")
 
 
 @contextmanager
@@ -70,8 +69,8 @@ class Side:
 def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[str, Any]:
     """Seconds per step of each mode on both sides, the per-round ratio this / REV and the operator counts."""
     with tempfile.TemporaryDirectory() as bench, checkout(rev) as tree:
-        shutil.copytree(REPO / "benchmarks", Path(bench) / "benchmarks",
-                        ignore=lambda _, names: [n for n in names if n not in BENCHMARK_FILES])
+        shutil.copytree(REPO / "benchmarks", Path(bench) / "benchmarks",  # its modules, not results/
+                        ignore=lambda _, names: [n for n in names if not n.endswith(".py")])
         sides = [Side("this tree's", REPO, argv, Path(bench)), Side(rev, tree, argv, Path(bench))]
         try:
             times: list[dict[str, list[float]]] = [{mode: [] for mode in modes} for _ in sides]

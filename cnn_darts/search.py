@@ -19,7 +19,7 @@ from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
+from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order, check_precision
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
@@ -34,6 +34,7 @@ PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no
 @dataclass(frozen=True)
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
     epochs: int = 50  # the length of the cosine schedule
     batch_size: int = 64
     learning_rate: float = 0.025
@@ -51,6 +52,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_order(self.order)
+        check_precision(self.precision)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "momentum", "weight_decay", "arch_weight_decay")
         check_at_least(self, 1, "train_images")
@@ -87,11 +89,11 @@ class CNNSearchTask(SchedulerGeneratorState):
         self.model = distributed.prepare(Supernet(model_config), device)
         self.rows = distributed.shard(config.batch_size, "batch_size")  # this process's part of every batch
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
-                                     momentum=config.momentum, weight_decay=config.weight_decay)
+                                     momentum=config.momentum, weight_decay=config.weight_decay, foreach=True)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.5, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        self.engine = Bilevel(self.model, weight_opt, arch_opt,
-                              BilevelConfig(order=config.order, grad_clip=config.grad_clip), distributed.average_)
+        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision)
+        self.engine = Bilevel(self.model, weight_opt, arch_opt, bilevel, distributed.average_)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
@@ -194,4 +196,4 @@ class CNNSearchTask(SchedulerGeneratorState):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.strategy.load_state_dict(state.get("sampler", {}))  # DARTS checkpoints before 2026-12-02 hold none
+        self.strategy.load_state_dict(state.get("sampler", {}))  # older DARTS checkpoints hold none

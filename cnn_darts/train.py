@@ -99,7 +99,7 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
         self.model = distributed.prepare(NetworkCIFAR(model_config, genotype), device)
         self.rows = distributed.shard(config.batch_size, "batch_size")  # this process's part of every batch
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+                                         weight_decay=config.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs,
                                                                     eta_min=config.learning_rate_min)
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
@@ -112,7 +112,7 @@ class CNNTrainTask(FixedGenotypeTask, SchedulerGeneratorState):
         total = loss if aux_logits is None else loss + self.config.auxiliary_weight * F.cross_entropy(aux_logits, y)
         total.backward()
         distributed.average_([torch.zeros_like(p) if p.grad is None else p.grad for p in self.model.parameters()])
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip, foreach=True)
         self.optimizer.step()
         return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
 

@@ -72,7 +72,7 @@ class HighwayCell(nn.Module):
     def first_state(self, xw: Tensor, h_prev: Tensor, w_h: Tensor, h_mask: Tensor | None) -> Tensor:
         """s_0 (B, H) from x_t's share xw (B, 2H) of the input matmul and h_prev (B, H)."""
         masked = h_prev if h_mask is None else h_prev * h_mask
-        c0, h0 = torch.addmm(xw, masked, w_h).split(self.nhid, dim=-1)  # (B, H) each
+        c0, h0 = torch.addmm(xw, masked, w_h).to(h_prev.dtype).split(self.nhid, dim=-1)  # (B, H) each (autocast: fp32)
         return torch.lerp(h_prev, h0.tanh(), c0.sigmoid())  # h_prev + c0 * (h0 - h_prev)
 
 

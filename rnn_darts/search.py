@@ -22,7 +22,7 @@ from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_pos
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order
+from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order, check_precision
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
@@ -33,8 +33,8 @@ from shared.validation import check_at_least, check_counts, check_fields
 
 log = logging.getLogger(__name__)
 ARCH_DATA = ("valid", "train")
-# Fewer sequences per process than this, normalised apart, learn visibly slower: the PTB smoke (batch 16) on two
-# processes ends at valid ppl 675 instead of 557, as does one process normalising two halves (702).
+# Fewer sequences per process than this, normalised apart (the cell's BatchNorm uses batch statistics), learn
+# visibly slower: measured on the PTB smoke in benchmarks/README.md ("torchrun").
 SMALL_SHARE = 32
 REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 
@@ -42,6 +42,7 @@ REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 @dataclass(frozen=True)
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only: a baseline and the benchmark)
+    precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
     batch_size: int = 256
     eval_batch_size: int = 64  # the original's 10 leaves the batch-statistics BatchNorm too few sequences
     bptt: int = 35  # training windows: bptt, one in twenty bptt / 2 (the original search); architecture: bptt
@@ -62,6 +63,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_order(self.order)
+        check_precision(self.precision)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "weight_decay", "arch_weight_decay", "beta")
         if self.arch_data not in ARCH_DATA:
@@ -136,11 +138,11 @@ class RNNSearchTask:
                 model.decoder.bias.copy_(log_unigram(source, model_config.ntoken))
         self.model = distributed.prepare(model, device)
         weight_opt = torch.optim.SGD(self.model.weight_parameters(), lr=config.learning_rate,
-                                     weight_decay=config.weight_decay)
+                                     weight_decay=config.weight_decay, foreach=True)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        self.engine = Bilevel(self.model, weight_opt, arch_opt,
-                              BilevelConfig(order=config.order, grad_clip=config.grad_clip), distributed.average_)
+        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision)
+        self.engine = Bilevel(self.model, weight_opt, arch_opt, bilevel, distributed.average_)
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
         self.strategy = strategy_for(config.strategy, self.model, config.select_cells, seed, controller)
 
@@ -263,4 +265,4 @@ class RNNSearchTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_vocabulary(state.get("vocabulary"), self.vocabulary)
         self.windows.set_state(state["windows"])
-        self.strategy.load_state_dict(state.get("sampler", {}))  # DARTS checkpoints before 2026-12-02 hold none
+        self.strategy.load_state_dict(state.get("sampler", {}))  # older DARTS checkpoints hold none

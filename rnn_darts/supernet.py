@@ -89,9 +89,9 @@ class SearchCell(HighwayCell):
         self.activations = tuple(ACTIVATIONS.get(config.primitives[k]) for k in self.op_columns)
 
     def node_weights(self, probs: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per node i: the (i+1, K) softmax weights of its non-none ops and their (i+1, 1, 1) row sums."""
-        active = probs[:, list(self.op_columns)]  # (num_edges, K)
-        totals = active.sum(-1)[:, None, None]  # (num_edges, 1, 1)
+        """Per node i: the (i+1, 1, K) softmax weights of its non-none ops and their (i+1, 1, 1) row sums."""
+        active = probs[:, None, list(self.op_columns)]  # (num_edges, 1, K)
+        totals = active.sum(-1, keepdim=True)  # (num_edges, 1, 1)
         sizes = list(range(1, self.steps + 1))
         return list(zip(active.split(sizes), totals.split(sizes)))
 
@@ -115,11 +115,12 @@ class SearchCell(HighwayCell):
         return states[1:].mean(0)  # the average of the nodes s_1..s_steps
 
     def node(self, states: Tensor, W: Tensor, op_weights: Tensor, totals: Tensor, h_mask: Tensor | None) -> Tensor:
-        """A node over states (J, B, H) with op_weights (J, K) and totals (J, 1, 1) = op_weights' row sums."""
+        """A node over states (J, B, H) with op_weights (J, 1, K) and totals (J, 1, 1) = op_weights' row sums."""
         masked = states if h_mask is None else states * h_mask
-        c, h = (masked @ W).split(self.nhid, dim=-1)  # (J, B, H) each: one matmul for all predecessors
+        # One matmul for all predecessors; under autocast in bf16, the rest of the cell in the states' dtype
+        c, h = (masked @ W).to(states.dtype).split(self.nhid, dim=-1)  # (J, B, H) each
         acts = torch.stack([f(h) for f in self.activations], dim=1)  # (J, K, B, H)
-        mixed = torch.einsum("jk,jkbh->jbh", op_weights, acts)  # sum_k w_jk f_k(h_j): (J, B, H)
+        mixed = (op_weights @ acts.flatten(2)).to(h.dtype).view_as(h)  # sum_k w_jk f_k(h_j): (J, B, H)
         # sum_k w_jk (s_j + c_j (f_k(h_j) - s_j)) = lerp(W_j s_j, mixed_j, c_j) with W_j = sum_k w_jk.
         return self.bn(torch.lerp(totals * states, mixed, c.sigmoid()).sum(0))  # (B, H)
 

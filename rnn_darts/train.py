@@ -109,7 +109,8 @@ class RNNTrainTask(FixedGenotypeTask):
         check_fits(lambda: RNNModel(model_config, genotype), device, "emsize or nhid")
         self.model = distributed.prepare(RNNModel(model_config, genotype), device)
         self.params = list(self.model.parameters())
-        self.optimizer = torch.optim.SGD(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                         foreach=True)
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
         self.average: WeightAverage | None = None  # set when NT-ASGD starts averaging
         self.averaging_from: int | None = None  # the first epoch whose steps were averaged
@@ -127,7 +128,7 @@ class RNNTrainTask(FixedGenotypeTask):
         cross_entropy = language_model_loss(logits, y)
         (cross_entropy + tar(outputs, config.beta)).backward()
         distributed.average_([p.grad for p in self.params])
-        nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+        nn.utils.clip_grad_norm_(self.params, config.grad_clip, foreach=True)
         self.optimizer.step()
         if self.average is not None:
             self.average.update()

@@ -41,6 +41,7 @@ Forward = Callable[..., Any]
 LossFn = Callable[[Forward], Tensor]
 Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes (DDP); a no-op on one process
 ORDERS = ("plain", "first", "second", "exact")  # plain: weight steps only, the architecture step does nothing
+PRECISIONS = ("fp32", "bf16")
 
 
 def check_order(order: str) -> None:
@@ -49,15 +50,26 @@ def check_order(order: str) -> None:
         raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
+def check_precision(precision: str) -> None:
+    """One line unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class BilevelConfig:
     order: str = "second"  # plain (no architecture step) | first | second (finite-difference Hessian) | exact
     grad_clip: float | None = None  # max norm of the weight gradient, for the real and the virtual step alike
     fd_radius: float = 0.01  # r in eps = r / ||u|| (paper eq. 7: r / ||v|| for plain SGD)
+    # bf16: the forward passes of the weight step and of the validation gradient (at w, or at w') run under bf16
+    # autocast; the training gradient behind w', the +-eps passes (a difference of nearly equal gradients), the exact
+    # product and the Hessian measurement stay in fp32, as do the parameters, the optimizers and the alphas' update.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_order(self.order)
+        check_precision(self.precision)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if self.fd_radius <= 0:
@@ -129,12 +141,13 @@ class Bilevel:
     def weight_step(self, train_loss: LossFn) -> Tensor:
         """One real weight step: backward into the weights only, reduce, clip, optimizer step. Returns the loss."""
         self.weight_optimizer.zero_grad(set_to_none=True)
-        loss = train_loss(self.model)
+        with self.autocast():
+            loss = train_loss(self.model)
         params = [p for _, p in self.weights]
         torch.autograd.backward(loss, inputs=params)  # no alpha gradients: they are the architecture step's business
         self.reduce([p.grad for p in params])
         if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
         self.weight_optimizer.step()
         return loss.detach()
 
@@ -164,7 +177,8 @@ class Bilevel:
     # ---- gradients -----------------------------------------------------------------------------------------------
     def _first_order(self, valid_loss: LossFn) -> ArchGradient:
         weights = {n: p.detach() for n, p in self.weights}  # detached: no weight gradients are built or kept
-        loss = valid_loss(self.forward_with(weights, dict(self.alphas)))
+        with self.autocast():
+            loss = valid_loss(self.forward_with(weights, dict(self.alphas)))
         grads = _grad(loss, [a for _, a in self.alphas])
         return ArchGradient(list(grads), loss.detach())
 
@@ -174,14 +188,15 @@ class Bilevel:
         # 1. training gradient at w, for the virtual step (kept differentiable in alpha for the exact product)
         w = {n: p.detach().requires_grad_() for n, p in self.weights}
         alpha_in = dict(self.alphas) if exact else {n: a.detach() for n, a in self.alphas}
-        loss = train_loss(self.forward_with(w, alpha_in))
+        loss = train_loss(self.forward_with(w, alpha_in))  # fp32 always: w' and the correction hang on it
         g_train = _grad(loss, list(w.values()), create_graph=exact)
         # 2. w' and the validation gradients there
         step = [g.detach() for g in g_train]
         self.reduce(step)
         w_prime, pullback = unrolled_step(self.weight_optimizer, step, self.config.grad_clip)
         w_prime = {n: t.requires_grad_() for n, t in zip(w, w_prime)}
-        loss_val = valid_loss(self.forward_with(w_prime, dict(self.alphas)))
+        with self.autocast():
+            loss_val = valid_loss(self.forward_with(w_prime, dict(self.alphas)))
         grads = _grad(loss_val, alphas + list(w_prime.values()))
         g_alpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
         self.reduce(v)
@@ -230,6 +245,11 @@ class Bilevel:
             return product
 
         return top_eigenvalue(product, sum(sizes), iterations, tol, torch.Generator().manual_seed(0))
+
+    def autocast(self, enabled: bool = True) -> torch.autocast:
+        """bf16 autocast on the model's device when the config asks for it (and `enabled`), else nothing."""
+        device = next(iter(self.model.parameters())).device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and self.config.precision == "bf16")
 
     def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
         """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the

@@ -111,6 +111,10 @@ def config_values(cls: Any, config: dict[str, Any], renamed: dict[str, str] | No
     return {name: config[key] for name, key in keys.items() if key in config}
 
 
+def search_config() -> None:  # what both searches share besides the collapse and controller keys
+    precision = "fp32"  # fp32 | bf16: bf16 autocast in the weight step and the validation passes (README: bf16)
+
+
 def collapse_config() -> None:  # the collapse diagnostics and early stopping of every search (shared.collapse)
     hessian_every = 2  # the dominant eigenvalue of the alpha Hessian (RobustDARTS) every N epochs; 0: never
     hessian_iterations = 20  # cost cap: Hessian-vector products per measurement (Lanczos)
@@ -157,6 +161,7 @@ def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool 
     if images:
         ex.config(image_config)
     if search:
+        ex.config(search_config)
         ex.config(collapse_config)
         ex.config(controller_config)
     ex.named_config(paper)
@@ -165,13 +170,13 @@ def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool 
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit", "tensorboard",
-                               "sync_batch_norm",
+                               "sync_batch_norm", "precision",
                                *collapse_config.__code__.co_varnames})
 
 
 # Keys added after runs were recorded, with the value every earlier run behaved as.
 ADDED_KEYS = {"vocab_size": None, "min_frequency": 1, "dataset": "cifar10", "image_column": None, "label_column": None,
-              "train_split": "train", "test_split": None}
+              "train_split": "train", "test_split": None, "precision": "fp32"}
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
