@@ -9,6 +9,7 @@ way `step_time` does (the task classes' `train_step` and `loss`).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +34,8 @@ def checkout(rev: str) -> Iterator[Path]:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
-        raise SystemExit(f"step_time: --compare {rev}: git cannot check it out: {proc.stderr.strip().splitlines()[-1]}")
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise SystemExit(f"step_time: --compare {rev}: git cannot check it out: {why}")
     try:
         yield folder / "tree"
     finally:
@@ -45,11 +49,18 @@ class Side:
 
     def __init__(self, name: str, root: Path, argv: list[str], bench: Path) -> None:
         self.name = name
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench), str(root)])}
+        paths = [str(bench), str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         # From `bench`, the benchmark's folder (-m puts the working folder first on the path), the rest from root
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.step_time", *argv, "--serve"], cwd=bench,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask("ready")
+        try:
+            code = Path(self.ask("ready")["code"])
+            if code != root.resolve():  # the side must time its own revision's packages
+                raise SystemExit(f"step_time: the {name} side imported its packages from {code}, not {root}")
+        except BaseException:
+            self.proc.kill()
+            raise
 
     def ask(self, request: str) -> Any:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -71,8 +82,9 @@ def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[st
     with tempfile.TemporaryDirectory() as bench, checkout(rev) as tree:
         shutil.copytree(REPO / "benchmarks", Path(bench) / "benchmarks",  # its modules, not results/
                         ignore=lambda _, names: [n for n in names if not n.endswith(".py")])
-        sides = [Side("this tree's", REPO, argv, Path(bench)), Side(rev, tree, argv, Path(bench))]
+        sides: list[Side] = []
         try:
+            sides += [Side("this tree's", REPO, argv, Path(bench)), Side(rev, tree, argv, Path(bench))]
             times: list[dict[str, list[float]]] = [{mode: [] for mode in modes} for _ in sides]
             for round_ in range(rounds):
                 order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]
@@ -117,5 +129,32 @@ def serve(steps: dict[str, Any], sync: Any, count_ops: Any) -> None:
         elif request == "count":
             answer = {mode: count_ops(step) for mode, step in steps.items()}
         else:
-            answer = {"ready": True}
+            import shared
+
+            answer = {"code": str(Path(shared.__file__).resolve().parent.parent)}
         print(json.dumps(answer), flush=True)
+
+
+def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
+    """`step_time --compare REV`, or one side of it (`--serve`)."""
+    from benchmarks.op_count import count_ops
+    from benchmarks.step_time import DEFAULTS, build_step, device_name, resolve_threads, write_json
+
+    if args.serve:
+        steps = {name: build_step(args, name)[0] for name in names}
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
+        cuda = resolve_threads(args).type == "cuda"
+        serve(steps, torch.cuda.synchronize if cuda else (lambda: None), count_ops)
+        return None
+    config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
+    side_argv = ["--task", args.task, "--modes", ",".join(names), "--device", args.device, "--threads",
+                 str(args.threads), "--precision", args.precision, "--warmup", str(args.warmup),
+                 *(f"--{k}={v}" for k, v in config.items())]
+    result = {"task": args.task, "device": device_name(args.device), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "config": config,
+              **compare(side_argv, args.compare, names, args.steps_timed)}
+    print_comparison(result)
+    write_json(args, result)
+    return result

@@ -49,6 +49,8 @@ MODES = ("plain", "first", "second", "exact")
 PASSES = ("weights", "alphas", "both")
 DEFAULTS = {"rnn": dict(batch=16, bptt=35, ntoken=10_000, nhid=300, steps=8),
             "cnn": dict(batch=16, C=16, layers=8, steps=4)}
+
+
 def precision(args: argparse.Namespace) -> dict[str, str]:
     """The search config's precision, named only when not the default (revisions before it knew no such key)."""
     return {} if args.precision == "fp32" else {"precision": args.precision}
@@ -203,7 +205,9 @@ def on_cpu(args: argparse.Namespace) -> bool:
 
 
 def is_default_config(args: argparse.Namespace) -> bool:
-    return on_cpu(args) and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items())
+    """The sizes, device and precision the baselines (the original's seconds, 4c2d015's launches) were taken at."""
+    return (on_cpu(args) and args.precision == "fp32"
+            and all(getattr(args, k) == v for k, v in DEFAULTS[args.task].items()))
 
 
 def device_name(device: str) -> str:
@@ -213,30 +217,6 @@ def device_name(device: str) -> str:
     if resolved.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(resolved)}"
     return f"cpu: {platform.processor() or platform.machine()}"
-
-
-def compare_sides(args: argparse.Namespace, names: list[str]) -> dict[str, Any] | None:
-    """`--compare REV` (see `benchmarks.compare`), or one side of it (`--serve`)."""
-    from benchmarks.compare import compare, print_comparison, serve
-
-    if args.serve:
-        steps = {name: build_step(args, name)[0] for name in names}
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        cuda = resolve_threads(args).type == "cuda"
-        serve(steps, torch.cuda.synchronize if cuda else (lambda: None), count_ops)
-        return None
-    config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
-    side_argv = ["--task", args.task, "--modes", ",".join(names), "--device", args.device, "--threads",
-                 str(args.threads), "--precision", args.precision, "--warmup", str(args.warmup),
-                 *(f"--{k}={v}" for k, v in config.items())]
-    result = {"task": args.task, "device": device_name(args.device), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "config": config,
-              **compare(side_argv, args.compare, names, args.steps_timed)}
-    print_comparison(result)
-    write_json(args, result)
-    return result
 
 
 def write_json(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -293,11 +273,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     names = args.modes.split(",")
     if args.serve or args.compare:
+        from benchmarks.compare import compare_sides
+
         return compare_sides(args, names)
     # Before the timing; on the CPU the children may overlap (each measures its own peak), not on one GPU.
     with ThreadPoolExecutor(max_workers=len(names) if on_cpu(args) else 1) as pool:
         memory = dict(zip(names, pool.map(lambda mode: child_memory(argv, mode), names)))
-    passes = [f"pass:{into}" for into in PASSES] if "plain" in names and set(names) & set(FLOORS) else []
+    # The floors' passes run in fp32: a bf16 search mixes precisions across them (shared.bilevel.BilevelConfig)
+    floors = "plain" in names and set(names) & set(FLOORS) and args.precision == "fp32"
+    passes = [f"pass:{into}" for into in PASSES] if floors else []
     timed = interleaved_times(args, names + passes)
     modes = {mode: {**timed[mode], **memory[mode]} for mode in names}
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}

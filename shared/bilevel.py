@@ -246,10 +246,10 @@ class Bilevel:
 
         return top_eigenvalue(product, sum(sizes), iterations, tol, torch.Generator().manual_seed(0))
 
-    def autocast(self, enabled: bool = True) -> torch.autocast:
-        """bf16 autocast on the model's device when the config asks for it (and `enabled`), else nothing."""
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on the model's device when the config asks for it, else nothing."""
         device = next(iter(self.model.parameters())).device
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and self.config.precision == "bf16")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def forward_with(self, weights: dict[str, Tensor], alphas: dict[str, Tensor]) -> Forward:
         """The model as a function of the given weight and alpha tensors (by parameter name), as every pass of the

@@ -227,7 +227,7 @@ def restore(task: EpochTask, state: dict[str, Any]) -> list[EpochRecord]:
     task.load_state_dict(state["task"])
     task.model.load_state_dict(state["model"])
     for name, optimizer in task.optimizers().items():
-        optimizer.load_state_dict(state[name])
+        checkpoint.load_optimizer(optimizer, state[name])
     _restore_random_streams(state)
     return [EpochRecord.from_dict(record) for record in state["history"]]
 

@@ -41,8 +41,9 @@ class SyncedBatchNorm(_BatchNorm):
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = input.numel() // input.size(1)
-        local_mean = input.mean(dims)
-        local_m2 = (input - local_mean.view(shape)).square().sum(dims)  # centred here: no cancellation in float32
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()  # bf16 under autocast
+        local_mean = x.mean(dims)
+        local_m2 = (x - local_mean.view(shape)).square().sum(dims)  # centred here: no cancellation in float32
         local_mean, local_m2 = local_mean.double(), local_m2.double()
         counts = torch.full((1,), float(count), dtype=torch.float64, device=input.device)
         sums = _SumAcross.apply(torch.cat([local_mean * count, local_m2 + count * local_mean.square(), counts]))

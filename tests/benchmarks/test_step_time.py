@@ -33,7 +33,6 @@ def test_benchmark_writes_every_mode_with_ratios_and_checks(tmp_path: Path, task
     assert "x_original" not in result["modes"]["plain"]  # toy sizes are not the original's configuration
     exact = {"exact time <= 5.0 x plain", "exact peak memory <= 2.0 x plain"} if task == "cnn" else set()
     assert set(result["checks"]) == {"first <= 1.05 x its floor", "second <= 1.05 x its floor"} | exact
-    assert all(c["ok"] == (c["value"] <= c["limit"]) for c in result["checks"].values())
     # The operator counts: a mode runs plain's weight step and more, views are part of the operators
     launches = [result["modes"][mode]["launches"] for mode in ("plain", "first", "second")]
     assert 0 < launches[0] < launches[1] < launches[2]

@@ -127,3 +127,19 @@ def test_progress_bars_go_to_the_terminal_only_never_to_stdout_or_stderr(monkeyp
         assert progress.close() == {"loss": 20.0}
         assert screen is None or "epoch 1" in screen.getvalue()
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_checkpoints_optimizer_keeps_the_codes_implementation_flags() -> None:
+    """A checkpoint written before foreach=True brings foreach=None in its param groups: the hyperparameters and
+    the momentum come from it, how the step is computed stays the code's."""
+    from shared.checkpoint import load_optimizer
+
+    old_p, new_p = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+    old = torch.optim.SGD([old_p], lr=0.5, momentum=0.9)
+    old_p.grad = torch.ones(3)
+    old.step()
+    new = torch.optim.SGD([new_p], lr=0.1, momentum=0.0, foreach=True)
+    load_optimizer(new, old.state_dict())
+    group = new.param_groups[0]
+    assert group["foreach"] is True and group["lr"] == 0.5 and group["momentum"] == 0.9
+    assert torch.equal(new.state[new_p]["momentum_buffer"], torch.ones(3))
