@@ -112,20 +112,12 @@ def print_comparison(result: dict[str, Any]) -> None:
               f"{f['this_launches']:>10}{f['rev_launches']:>12}")
 
 
-def serve(steps: dict[str, Any], sync: Any, count_ops: Any) -> None:
+def serve(steps: dict[str, Any], seconds: Any, count_ops: Any) -> None:
     """The child's loop: answer `ready`, `round MODES` (seconds of one step each, in that order) and `count`."""
-    import time
-
     for line in sys.stdin:
         request, _, modes = line.strip().partition(" ")
         if request == "round":
-            answer = {}
-            for mode in modes.split(","):
-                sync()
-                started = time.perf_counter()
-                steps[mode]()
-                sync()
-                answer[mode] = time.perf_counter() - started
+            answer = {mode: seconds(steps[mode]) for mode in modes.split(",")}
         elif request == "count":
             answer = {mode: count_ops(step) for mode, step in steps.items()}
         else:
@@ -138,15 +130,10 @@ def serve(steps: dict[str, Any], sync: Any, count_ops: Any) -> None:
 def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
     """`step_time --compare REV`, or one side of it (`--serve`)."""
     from benchmarks.op_count import count_ops
-    from benchmarks.step_time import DEFAULTS, build_step, device_name, resolve_threads, write_json
+    from benchmarks.step_time import DEFAULTS, device_name, warm_steps, write_json
 
     if args.serve:
-        steps = {name: build_step(args, name)[0] for name in names}
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        cuda = resolve_threads(args).type == "cuda"
-        serve(steps, torch.cuda.synchronize if cuda else (lambda: None), count_ops)
+        serve(*warm_steps(args, names), count_ops)
         return None
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
     side_argv = ["--task", args.task, "--modes", ",".join(names), "--device", args.device, "--threads",

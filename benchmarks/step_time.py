@@ -162,27 +162,37 @@ def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return {"peak_memory_mb": peak(), "working_memory_mb": peak() - before}
 
 
+def warm_steps(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Step], Callable[[Step], float]]:
+    """The steps of `names` (see `build_step`), each run `args.warmup` times, and the timer of one step (which waits
+    for a GPU to finish before and after)."""
+    steps = {name: build_step(args, name) for name in names}
+    device = next(iter(steps.values()))[1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(step: Step) -> float:
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - started
+
+    for step, _ in steps.values():
+        for _ in range(args.warmup):
+            step()
+    return {name: step for name, (step, _) in steps.items()}, seconds
+
+
 def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, Any]]:
     """Seconds per step of every mode, timed round-robin (each round in a rotated order) so that a machine whose
     speed drifts slows every mode alike; `x_plain_paired` is the median over rounds of the ratio to that round's
     plain step. Then the operators one more step of each mode dispatches (`benchmarks.op_count`)."""
-    steps = {mode: build_step(args, mode) for mode in modes}
-    device = next(iter(steps.values()))[1]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step, _ in steps.values():
-        for _ in range(args.warmup):
-            step()
+    steps, seconds = warm_steps(args, modes)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(args.steps_timed):
         for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
-            step = steps[mode][0]
-            sync()
-            started = time.perf_counter()
-            step()
-            sync()
-            times[mode].append(time.perf_counter() - started)
+            times[mode].append(seconds(steps[mode]))
     result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t),
-                     "times_s": t, **count_ops(steps[mode][0])} for mode, t in times.items()}
+                     "times_s": t, **count_ops(steps[mode])} for mode, t in times.items()}
     if "plain" in times:
         for mode, t in times.items():
             result[mode]["x_plain_paired"] = statistics.median(a / b for a, b in zip(t, times["plain"]))
