@@ -164,6 +164,16 @@ def test_hypergradient_equals_autograd_through_the_unrolled_step(name: str, clip
     assert _relative_error(_engine_gradient(first, loss_on, seed=11), reference) > 1e-3  # the orders differ here
 
 
+@pytest.mark.parametrize("clip", [None, ACTIVE_CLIP], ids=["no-clip", "clip-active"])
+def test_exact_order_through_batchnorm_equals_autograd(clip: float | None) -> None:
+    """BatchNorm's batch statistics depend on the weights: the exact product's forward-mode pass must differentiate
+    them (torch's own forward-mode formula for batch_norm, differentiated again, is wrong)."""
+    model, engine, loss_on = _setup(batchnorm=True, clip=clip, order="exact")
+    torch.manual_seed(11)
+    reference = _reference_hypergradient(model, engine, loss_on, clip)
+    assert _relative_error(_engine_gradient(engine, loss_on, seed=11), reference) < 1e-9
+
+
 def test_the_active_clip_shrinks_the_unrolled_term() -> None:
     """The clip-active cases above clip hard, and then the second-order term is far from the unclipped one."""
     model, engine, loss_on = _setup(clip=ACTIVE_CLIP)
