@@ -32,7 +32,7 @@ ex = make_experiment("cnn_search", globals())
 def config() -> None:
     """The paper's convolutional-cell search on CIFAR-10 (DARTS, section 3.1)."""
     seed = 2  # seeds the supernet, the weight/architecture split and the augmentation
-    order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (exact product) | plain
+    order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
     select_cells = 10  # random, reinforce: cells scored on the validation data after each epoch; the best is kept
     epochs = 50

@@ -42,7 +42,7 @@ ex = make_experiment("paper_toy", globals())
 @ex.config
 def config() -> None:
     """The paper's illustrative bilevel problem (section 2.3)."""
-    order = "second"  # first | second (finite-difference Hessian) | exact (exact product)
+    order = "second"  # first | second (finite-difference Hessian) | exact (double backward)
     xi = 0.5  # learning rate of the plain-SGD weight step, and the unrolling step of the second order
     steps = 400  # alternating architecture + weight steps
     arch_lr = 0.1  # learning rate of the plain-SGD architecture step

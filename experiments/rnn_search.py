@@ -33,7 +33,7 @@ ex = make_experiment("rnn_search", globals())
 def config() -> None:
     """The paper's recurrent-cell search on Penn Treebank (DARTS, section 3.1)."""
     seed = 3  # seeds the supernet, the dropout masks and the BPTT window lengths
-    order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (exact product) | plain
+    order = "second"  # first | second (finite-difference Hessian, eq. 7) | exact (double backward) | plain
     strategy = "darts"  # darts | random (weight sharing, Li & Talwalkar 2019) | reinforce (Zoph & Le, as ENAS): README
     select_cells = 10  # random, reinforce: cells scored on the validation data after each epoch; the best is kept
     epochs = 50

@@ -10,7 +10,7 @@ L_train and L_val at shifted weights through `torch.func.functional_call` withou
     second: grad_alpha L_val(w', alpha) - [grad_alpha L_train(w + eps u) - grad_alpha L_train(w - eps u)] / (2 eps)
             w' = one virtual step of the real weight optimizer from g = grad_w L_train(w, alpha), clipped like the
             real step; v = grad_w' L_val(w', alpha); u = -(dw'/dg)^T v; eps = r / ||u||  (eq. 6-7)
-    exact:  the same with the exact product grad_alpha (grad_w L_train(w) . u), in reverse-over-forward mode.
+    exact:  the same with the Hessian-vector product grad_alpha (grad_w L_train(w) . u) by double backward.
 
 u is the vector-Jacobian product of the weight optimizer's step (shared.virtual_step) with the clip factor held
 constant, so it honours clipping, momentum, weight decay, Adam's moments and per-group learning rates alike. For
@@ -20,7 +20,7 @@ apply).
 
 An architecture step leaves the model's weights, buffers (BatchNorm statistics run on copies) and the weight
 optimizer's state untouched, and the +-eps passes replay the random draws (dropout masks) of the training pass that
-defined w', so finite difference and the exact product differentiate the same function.
+defined w', so finite difference and double backward differentiate the same function.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from torch.func import functional_call
 
 from shared.collapse import Eigen, top_eigenvalue
 from shared.errors import ConfigError
-from shared.forward_ad import directional_derivative
 from shared.virtual_step import check_differentiable, unrolled_step
 from shared.validation import check_fields
 
@@ -186,10 +185,11 @@ class Bilevel:
     def _unrolled(self, train_loss: LossFn, valid_loss: LossFn, exact: bool) -> ArchGradient:
         alphas = [a for _, a in self.alphas]
         random = _RandomReplay(alphas[0].device)  # before the training pass: the +-eps passes replay its draws
-        # 1. training gradient at w, for the virtual step
+        # 1. training gradient at w, for the virtual step (kept differentiable in alpha for the exact product)
         w = {n: p.detach().requires_grad_() for n, p in self.weights}
-        loss = train_loss(self.forward_with(w, {n: a.detach() for n, a in self.alphas}))  # fp32: w' hangs on it
-        g_train = _grad(loss, list(w.values()))
+        alpha_in = dict(self.alphas) if exact else {n: a.detach() for n, a in self.alphas}
+        loss = train_loss(self.forward_with(w, alpha_in))  # fp32 always: w' and the correction hang on it
+        g_train = _grad(loss, list(w.values()), create_graph=exact)
         # 2. w' and the validation gradients there
         step = [g.detach() for g in g_train]
         self.reduce(step)
@@ -202,17 +202,12 @@ class Bilevel:
         self.reduce(v)
         # 3. the Hessian-vector product along u = -(dw'/dg)^T v
         u = pullback(v)
-        del g_train, step, w, w_prime, grads, v, pullback  # free weight-sized copies before the product's passes
-        hvp = (self._exact_product if exact else self._finite_difference)(train_loss, u, random)
+        if exact:
+            hvp = _grad(sum((g * ui).sum() for g, ui in zip(g_train, u)), alphas)
+        else:
+            del g_train, step, w, w_prime, grads, v, pullback  # free weight-sized copies before the two passes
+            hvp = self._finite_difference(train_loss, u, random)
         return ArchGradient([g - h for g, h in zip(g_alpha, hvp)], loss_val.detach())
-
-    def _exact_product(self, train_loss: LossFn, u: list[Tensor], random: _RandomReplay) -> list[Tensor]:
-        """grad_alpha (grad_w L_train(w) . u) = grad_alpha (d/dt L_train(w + t u) at t=0): one forward pass carrying
-        the tangent u, then the alpha gradient of that directional derivative (`shared.forward_ad`)."""
-        with random.replay():  # the same dropout masks as the training pass at w
-            slope = directional_derivative(lambda w: train_loss(self.forward_with(w, dict(self.alphas))),
-                                           {n: p for n, p in self.weights}, u)
-        return _grad(slope, [a for _, a in self.alphas])
 
     def _finite_difference(self, train_loss: LossFn, u: list[Tensor], random: _RandomReplay) -> list[Tensor]:
         """(grad_alpha L_train(w + eps u) - grad_alpha L_train(w - eps u)) / (2 eps), eps = r / ||u||."""

@@ -13,8 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 class _SumAcross(torch.autograd.Function):
     """all_reduce(SUM) as a differentiable function: the gradient of a sum over processes is the sum of the
-    processes' gradients, and its tangent the sum of their tangents (each through this function, so that second
-    derivatives cross processes too)."""
+    processes' gradients (itself through this function, so that double backward crosses processes too)."""
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
@@ -25,10 +24,6 @@ class _SumAcross(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         return _SumAcross.apply(grad)
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # forward mode (the exact order's product): linear, the same sum
-        return _SumAcross.apply(tangent)
 
 
 class SyncedBatchNorm(_BatchNorm):

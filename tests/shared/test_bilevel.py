@@ -166,8 +166,8 @@ def test_hypergradient_equals_autograd_through_the_unrolled_step(name: str, clip
 
 @pytest.mark.parametrize("clip", [None, ACTIVE_CLIP], ids=["no-clip", "clip-active"])
 def test_exact_order_through_batchnorm_equals_autograd(clip: float | None) -> None:
-    """BatchNorm's batch statistics depend on the weights: the exact product's forward-mode pass must differentiate
-    them (torch's own forward-mode formula for batch_norm, differentiated again, is wrong)."""
+    """BatchNorm's batch statistics depend on the weights, and the exact product must differentiate them (a forward-mode
+    product through torch's batch_norm formula did not: see benchmarks/README.md)."""
     model, engine, loss_on = _setup(batchnorm=True, clip=clip, order="exact")
     torch.manual_seed(11)
     reference = _reference_hypergradient(model, engine, loss_on, clip)
