@@ -1,6 +1,8 @@
 """`step_time --compare REV`: this tree's steps and another git revision's, timed in the same rounds.
 
-A speed claim on a machine whose speed drifts is an A/B inside one run. Each side is a child process that builds the
+A speed claim on a machine whose speed drifts is an A/B inside one run, and a speed change must leave the numerics
+alone: after the rounds both sides report their alphas and weights (every mode took the same steps from the same
+seed), and the table gives the largest difference. Each side is a child process that builds the
 modes' steps from its own code (this tree, or a `git worktree` of REV), warms them up and then answers one request at
 a time: time one round of every mode, or count each mode's operators. The parent asks the two sides in turn, the
 first side alternating from round to round, so both see the same machine; only one side runs at a time. The
@@ -92,10 +94,11 @@ def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[st
                     for mode, seconds in sides[i].ask("round " + ",".join(order)).items():
                         times[i][mode].append(seconds)
             counts = [side.ask("count") for side in sides]
+            states = [side.ask("state") for side in sides]
         finally:
             for side in sides:
                 side.close()
-    return {"rev": rev, "modes": {mode: {
+    return {"rev": rev, "modes": {mode: {**state_difference(states[0][mode], states[1][mode]),
         "this_median_s": statistics.median(times[0][mode]), "rev_median_s": statistics.median(times[1][mode]),
         "x_rev_paired": statistics.median(a / b for a, b in zip(times[0][mode], times[1][mode])),
         "this_times_s": times[0][mode], "rev_times_s": times[1][mode],
@@ -103,23 +106,53 @@ def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[st
         "this_ops": counts[0][mode]["ops"], "rev_ops": counts[1][mode]["ops"]} for mode in modes}}
 
 
+def fingerprint(task: Any) -> dict[str, list[float]]:
+    """The state the steps left: every alpha, and each weight tensor's projection on a fixed random direction (a
+    checksum that moves with any change of the tensor)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [p.detach().cpu().double() for _, p in task.engine.weights]
+    return {"alphas": [v for _, a in task.engine.alphas for v in a.detach().cpu().double().flatten().tolist()],
+            "weights": [float((w * torch.randn(w.shape, generator=generator, dtype=torch.float64)).sum())
+                        for w in weights]}
+
+
+def state_difference(this: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, float]:
+    """The largest difference of the two sides' alphas and weight projections, over the largest magnitude."""
+
+    def relative(a: list[float], b: list[float]) -> float:
+        if len(a) != len(b):
+            return float("inf")  # the revisions build different models
+        scale = max(map(abs, a + b), default=0.0) or 1.0
+        return max((abs(x - y) for x, y in zip(a, b)), default=0.0) / scale
+
+    return {"alphas_rel_diff": relative(this["alphas"], other["alphas"]),
+            "weights_rel_diff": relative(this["weights"], other["weights"])}
+
+
 def print_comparison(result: dict[str, Any]) -> None:
     rev = result["rev"]
     print(f"this tree against {rev}, the same rounds (x {rev}: the median over rounds of this / {rev})")
-    print(f"{'mode':<8}{'this s':>9}{rev[:12] + ' s':>16}{'x ' + rev[:10]:>14}{'launches':>10}{rev[:10]:>12}")
+    print(f"{'mode':<8}{'this s':>9}{rev[:12] + ' s':>16}{'x ' + rev[:10]:>14}{'launches':>10}{rev[:10]:>12}"
+          f"{'alphas diff':>14}{'weights diff':>14}")
     for mode, f in result["modes"].items():
         print(f"{mode:<8}{f['this_median_s']:>9.3f}{f['rev_median_s']:>16.3f}{f['x_rev_paired']:>14.2f}"
-              f"{f['this_launches']:>10}{f['rev_launches']:>12}")
+              f"{f['this_launches']:>10}{f['rev_launches']:>12}{f['alphas_rel_diff']:>14.1e}"
+              f"{f['weights_rel_diff']:>14.1e}")
+    print(f"diff: the two sides' alphas and weights after the same {result['steps_per_mode']} steps of each mode from "
+          "the same seed (largest difference over the largest magnitude; 0 = bit-identical)")
 
 
-def serve(steps: dict[str, Any], seconds: Any, count_ops: Any) -> None:
-    """The child's loop: answer `ready`, `round MODES` (seconds of one step each, in that order) and `count`."""
+def serve(steps: dict[str, Any], seconds: Any, tasks: dict[str, Any], count_ops: Any) -> None:
+    """The child's loop: answer `ready`, `round MODES` (seconds of one step each, in that order), `count` (one more
+    step of each mode, its operators counted) and `state` (each mode's `fingerprint`)."""
     for line in sys.stdin:
         request, _, modes = line.strip().partition(" ")
         if request == "round":
             answer = {mode: seconds(steps[mode]) for mode in modes.split(",")}
         elif request == "count":
             answer = {mode: count_ops(step) for mode, step in steps.items()}
+        elif request == "state":
+            answer = {mode: fingerprint(task) for mode, task in tasks.items()}
         else:
             import shared
 
@@ -141,6 +174,7 @@ def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
                  *(f"--{k}={v}" for k, v in config.items())]
     result = {"task": args.task, "device": device_name(args.device), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "config": config,
+              "steps_per_mode": args.warmup + args.steps_timed + 1,  # warm-up, the rounds, the counted step
               **compare(side_argv, args.compare, names, args.steps_timed)}
     print_comparison(result)
     write_json(args, result)

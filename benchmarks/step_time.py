@@ -137,19 +137,20 @@ def resolve_threads(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device]:
-    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`)."""
+def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device, Any]:
+    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`); the
+    device and the task it steps."""
     device = resolve_threads(args)
     torch.manual_seed(0)
     mode, _, into = name.partition(":")
     task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if into else mode, device)
-    return (gradient_pass(task, loss, into) if into else step), device
+    return (gradient_pass(task, loss, into) if into else step), device, task
 
 
 def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """This process's peak memory over warm-up and two steps of `mode` (run in a child: the peak is its own), and
     the part of it the steps added."""
-    step, device = build_step(args, mode)
+    step, device, _ = build_step(args, mode)
 
     def peak() -> float:
         if device.type == "cuda":
@@ -162,9 +163,10 @@ def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return {"peak_memory_mb": peak(), "working_memory_mb": peak() - before}
 
 
-def warm_steps(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Step], Callable[[Step], float]]:
-    """The steps of `names` (see `build_step`), each run `args.warmup` times, and the timer of one step (which waits
-    for a GPU to finish before and after)."""
+def warm_steps(args: argparse.Namespace,
+               names: list[str]) -> tuple[dict[str, Step], Callable[[Step], float], dict[str, Any]]:
+    """The steps of `names` (see `build_step`), each run `args.warmup` times, the timer of one step (which waits
+    for a GPU to finish before and after) and the tasks they step."""
     steps = {name: build_step(args, name) for name in names}
     device = next(iter(steps.values()))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -176,17 +178,17 @@ def warm_steps(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, St
         sync()
         return time.perf_counter() - started
 
-    for step, _ in steps.values():
+    for step, _, _ in steps.values():
         for _ in range(args.warmup):
             step()
-    return {name: step for name, (step, _) in steps.items()}, seconds
+    return {name: built[0] for name, built in steps.items()}, seconds, {name: built[2] for name, built in steps.items()}
 
 
 def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, Any]]:
     """Seconds per step of every mode, timed round-robin (each round in a rotated order) so that a machine whose
     speed drifts slows every mode alike; `x_plain_paired` is the median over rounds of the ratio to that round's
     plain step. Then the operators one more step of each mode dispatches (`benchmarks.op_count`)."""
-    steps, seconds = warm_steps(args, modes)
+    steps, seconds, _ = warm_steps(args, modes)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(args.steps_timed):
         for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:

@@ -66,7 +66,7 @@ def test_gradient_passes_ask_for_exactly_their_parameters(monkeypatch: pytest.Mo
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **kw: asked.append(
         {tuple(p.shape) for p in inputs}) or grad(out, inputs, **kw))
-    step, _ = build_step(parse_args(["--task", "rnn", *TOY["rnn"], "--threads", "1"]), f"pass:{into}")
+    step, _, _ = build_step(parse_args(["--task", "rnn", *TOY["rnn"], "--threads", "1"]), f"pass:{into}")
     step()
     # toy shapes: the embedding (40, 6) is a weight, the alphas (3 edges, 5 ops) the architecture
     assert asked and ((40, 6) in asked[0]) == weights and ((3, 5) in asked[0]) == alphas
@@ -91,8 +91,26 @@ def test_compare_times_both_revisions_in_the_same_rounds(tmp_path: Path) -> None
         assert f["x_rev_paired"] == pytest.approx(sorted(a / b for a, b in zip(f["this_times_s"], f["rev_times_s"]))[1])
         assert 0 < f["this_launches"] < f["this_ops"] and 0 < f["rev_launches"] < f["rev_ops"]
     assert "x HEAD" in proc.stdout
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True).stdout.strip()
+    if not changed:  # the same code on both sides (a clean checkout, as in CI): the same numbers, bit for bit
+        assert all(f["alphas_rel_diff"] == f["weights_rel_diff"] == 0.0 for f in result["modes"].values())
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
     assert "darts-compare-" not in worktrees  # removed afterwards
+
+
+@pytest.mark.parametrize("mode, alphas_move", [("plain", False), ("first", True)])
+def test_state_difference_sees_one_step(mode: str, alphas_move: bool) -> None:
+    from benchmarks.compare import fingerprint, state_difference
+    from benchmarks.step_time import build_step, parse_args
+
+    step, _, task = build_step(parse_args(["--task", "rnn", *TOY["rnn"], "--threads", "1"]), mode)
+    before = fingerprint(task)
+    assert state_difference(before, fingerprint(task)) == {"alphas_rel_diff": 0.0, "weights_rel_diff": 0.0}
+    step()
+    moved = state_difference(fingerprint(task), before)
+    assert (moved["alphas_rel_diff"] > 0) == alphas_move and moved["weights_rel_diff"] > 0
+    assert len(before["alphas"]) == 3 * 5  # every alpha of the toy cell (3 edges, 5 ops)
 
 
 def test_compare_with_an_unknown_revision_is_one_line() -> None:
