@@ -2,23 +2,26 @@
 
 A speed claim on a machine whose speed drifts is an A/B inside one run, and a speed change must leave the numerics
 alone: after the rounds both sides report their alphas and weights (every mode took the same steps from the same
-seed), and the table gives the largest difference. Each side is a child process that builds the
-modes' steps from its own code (this tree, or a `git worktree` of REV), warms them up and then answers one request at
-a time: time one round of every mode, or count each mode's operators. The parent asks the two sides in turn, the
-first side alternating from round to round, so both see the same machine; only one side runs at a time. The
-benchmark itself (this module, `step_time`, `op_count`) is this tree's on both sides: REV must build the steps the
-way `step_time` does (the task classes' `train_step` and `loss`).
+seed, each mode on its own random stream), and the table gives the largest difference. Each side is a child process
+that builds the modes' steps from its own code (this tree, or a `git worktree` of REV), warms them up and then answers
+one request at a time: time one round of every mode, count each mode's operators, or report each mode's state. The
+parent asks the two sides in turn, the first side alternating from round to round, so both see the same machine; only
+one side runs at a time. The benchmark itself (this module, `step_time`, `op_count`) is this tree's on both sides:
+REV must build the steps the way `step_time` does (the task classes' `train_step` and `loss`, their `engine` with
+its `weights` and `alphas`).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,27 +109,39 @@ def compare(argv: list[str], rev: str, modes: list[str], rounds: int) -> dict[st
         "this_ops": counts[0][mode]["ops"], "rev_ops": counts[1][mode]["ops"]} for mode in modes}}
 
 
-def fingerprint(task: Any) -> dict[str, list[float]]:
-    """The state the steps left: every alpha, and each weight tensor's projection on a fixed random direction (a
-    checksum that moves with any change of the tensor)."""
-    generator = torch.Generator().manual_seed(0)
-    weights = [p.detach().cpu().double() for _, p in task.engine.weights]
-    return {"alphas": [v for _, a in task.engine.alphas for v in a.detach().cpu().double().flatten().tolist()],
-            "weights": [float((w * torch.randn(w.shape, generator=generator, dtype=torch.float64)).sum())
-                        for w in weights]}
+def fingerprint(task: Any) -> dict[str, dict[str, Any]]:
+    """The state the steps left, by parameter name: each alpha tensor's values, and each weight tensor's projection
+    on a random direction of its own (seeded by its name: a checksum that moves with any change of the tensor)."""
+    def values(tensor: Any) -> Any:
+        return tensor.detach().cpu().double()
+
+    def projection(name: str, tensor: Any) -> float:
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return float((values(tensor) * torch.randn(tensor.shape, generator=generator, dtype=torch.float64)).sum())
+
+    return {"alphas": {n: values(a).flatten().tolist() for n, a in task.engine.alphas},
+            "weights": {n: projection(n, w) for n, w in task.engine.weights},
+            "shapes": {n: list(p.shape) for n, p in [*task.engine.alphas, *task.engine.weights]}}
 
 
-def state_difference(this: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, float]:
-    """The largest difference of the two sides' alphas and weight projections, over the largest magnitude."""
+def _relative(x: float, y: float) -> float:
+    """|x - y| / max(|x|, |y|): 0 for equal values (NaN and infinities included), 2 where one side alone is not
+    finite (the largest a finite pair can give)."""
+    if x == y or (math.isnan(x) and math.isnan(y)):
+        return 0.0
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return 2.0
+    return abs(x - y) / max(abs(x), abs(y))
 
-    def relative(a: list[float], b: list[float]) -> float:
-        if len(a) != len(b):
-            return float("inf")  # the revisions build different models
-        scale = max(map(abs, a + b), default=0.0) or 1.0
-        return max((abs(x - y) for x, y in zip(a, b)), default=0.0) / scale
 
-    return {"alphas_rel_diff": relative(this["alphas"], other["alphas"]),
-            "weights_rel_diff": relative(this["weights"], other["weights"])}
+def state_difference(this: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The largest relative difference, entry by entry, of the two sides' alphas and weight projections (0:
+    bit-identical); None for both when the two sides' parameters differ in names or shapes (different models)."""
+    if this["shapes"] != other["shapes"]:
+        return {"alphas_rel_diff": None, "weights_rel_diff": None}
+    alphas = [_relative(x, y) for n in this["alphas"] for x, y in zip(this["alphas"][n], other["alphas"][n])]
+    weights = [_relative(this["weights"][n], other["weights"][n]) for n in this["weights"]]
+    return {"alphas_rel_diff": max(alphas, default=0.0), "weights_rel_diff": max(weights, default=0.0)}
 
 
 def print_comparison(result: dict[str, Any]) -> None:
@@ -134,12 +149,16 @@ def print_comparison(result: dict[str, Any]) -> None:
     print(f"this tree against {rev}, the same rounds (x {rev}: the median over rounds of this / {rev})")
     print(f"{'mode':<8}{'this s':>9}{rev[:12] + ' s':>16}{'x ' + rev[:10]:>14}{'launches':>10}{rev[:10]:>12}"
           f"{'alphas diff':>14}{'weights diff':>14}")
+    def diff(value: float | None) -> str:
+        return f"{'models differ' if value is None else f'{value:.1e}':>14}"
+
     for mode, f in result["modes"].items():
         print(f"{mode:<8}{f['this_median_s']:>9.3f}{f['rev_median_s']:>16.3f}{f['x_rev_paired']:>14.2f}"
-              f"{f['this_launches']:>10}{f['rev_launches']:>12}{f['alphas_rel_diff']:>14.1e}"
-              f"{f['weights_rel_diff']:>14.1e}")
+              f"{f['this_launches']:>10}{f['rev_launches']:>12}{diff(f['alphas_rel_diff'])}"
+              f"{diff(f['weights_rel_diff'])}")
     print(f"diff: the two sides' alphas and weights after the same {result['steps_per_mode']} steps of each mode from "
-          "the same seed (largest difference over the largest magnitude; 0 = bit-identical)")
+          "the same seed, the largest relative difference (0: bit-identical; on a GPU some kernels are not "
+          "deterministic)")
 
 
 def serve(steps: dict[str, Any], seconds: Any, tasks: dict[str, Any], count_ops: Any) -> None:
@@ -160,6 +179,16 @@ def serve(steps: dict[str, Any], seconds: Any, tasks: dict[str, Any], count_ops:
         print(json.dumps(answer), flush=True)
 
 
+def commits(rev: str) -> dict[str, Any]:
+    """The commits the two sides ran, and whether this tree had uncommitted changes to tracked files."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    return {"this_commit": git("rev-parse", "HEAD"), "this_dirty": bool(git("status", "--porcelain",
+                                                                             "--untracked-files=no")),
+            "rev_commit": git("rev-parse", rev)}
+
+
 def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
     """`step_time --compare REV`, or one side of it (`--serve`)."""
     from benchmarks.op_count import count_ops
@@ -173,7 +202,7 @@ def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
                  str(args.threads), "--precision", args.precision, "--warmup", str(args.warmup),
                  *(f"--{k}={v}" for k, v in config.items())]
     result = {"task": args.task, "device": device_name(args.device), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "config": config,
+              "date": datetime.date.today().isoformat(), "config": config, **commits(args.compare),
               "steps_per_mode": args.warmup + args.steps_timed + 1,  # warm-up, the rounds, the counted step
               **compare(side_argv, args.compare, names, args.steps_timed)}
     print_comparison(result)

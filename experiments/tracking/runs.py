@@ -95,7 +95,7 @@ def elastic_resume(folder: Path) -> str | None:
         restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip() not in ("", "0")
         previous = marker.read_text().strip() if restarted and marker.is_file() else None
         marker.write_text(str(folder))
-    except OSError:  # a runs folder this process may not write: no restart resumes (README)
+    except OSError:  # a runs folder this process may not write: no restart resumes (docs/distributed.md)
         return None
     return previous if previous and (Path(previous) / "checkpoint.pt").is_file() else None
 

@@ -90,10 +90,10 @@ def test_compare_times_both_revisions_in_the_same_rounds(tmp_path: Path) -> None
         assert len(f["this_times_s"]) == len(f["rev_times_s"]) == 3
         assert f["x_rev_paired"] == pytest.approx(sorted(a / b for a, b in zip(f["this_times_s"], f["rev_times_s"]))[1])
         assert 0 < f["this_launches"] < f["this_ops"] and 0 < f["rev_launches"] < f["rev_ops"]
-    assert "x HEAD" in proc.stdout
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                             text=True).stdout.strip()
-    if not changed:  # the same code on both sides (a clean checkout, as in CI): the same numbers, bit for bit
+    assert "x HEAD" in proc.stdout and "after the same 5 steps of each mode" in proc.stdout
+    assert result["steps_per_mode"] == 5 and result["rev_commit"] == result["this_commit"]
+    assert all(f["alphas_rel_diff"] >= 0 and f["weights_rel_diff"] >= 0 for f in result["modes"].values())
+    if not result["this_dirty"]:  # the same code on both sides (a clean checkout, as in CI): bit for bit the same
         assert all(f["alphas_rel_diff"] == f["weights_rel_diff"] == 0.0 for f in result["modes"].values())
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
     assert "darts-compare-" not in worktrees  # removed afterwards
@@ -110,7 +110,41 @@ def test_state_difference_sees_one_step(mode: str, alphas_move: bool) -> None:
     step()
     moved = state_difference(fingerprint(task), before)
     assert (moved["alphas_rel_diff"] > 0) == alphas_move and moved["weights_rel_diff"] > 0
-    assert len(before["alphas"]) == 3 * 5  # every alpha of the toy cell (3 edges, 5 ops)
+    assert sum(map(len, before["alphas"].values())) == 3 * 5  # every alpha of the toy cell (3 edges, 5 ops)
+
+
+def test_state_difference_entry_by_entry() -> None:
+    from benchmarks.compare import state_difference
+
+    def state(alphas: list[float], weights: dict[str, float]) -> dict:
+        return {"alphas": {"a": alphas}, "weights": weights,
+                "shapes": {"a": [len(alphas)], **{n: [1] for n in weights}}}
+
+    base = state([1.0, 1e-3], {"w": 100.0, "b": 1e-2})
+    # a small tensor's error is its own, not diluted by the largest magnitude
+    assert state_difference(base, state([1.0, 2e-3], {"w": 100.0, "b": 2e-2})) == pytest.approx(
+        {"alphas_rel_diff": 0.5, "weights_rel_diff": 0.5})
+    nan = float("nan")
+    assert state_difference(state([1.0, nan], {"w": nan, "b": 1e-2}), state([1.0, nan], {"w": nan, "b": 1e-2})) == {
+        "alphas_rel_diff": 0.0, "weights_rel_diff": 0.0}  # the same NaNs: identical
+    assert state_difference(base, state([1.0, nan], {"w": 100.0, "b": float("inf")})) == {
+        "alphas_rel_diff": 2.0, "weights_rel_diff": 2.0}  # one side diverged, wherever the NaN sits
+    assert state_difference(base, state([1.0, 1e-3, 0.0], {"w": 100.0, "b": 1e-2})) == {
+        "alphas_rel_diff": None, "weights_rel_diff": None}  # different models
+    assert state_difference(base, state([1.0, 1e-3], {"w2": 100.0, "b": 1e-2}))["weights_rel_diff"] is None
+
+
+def test_each_mode_draws_from_its_own_random_stream() -> None:
+    from benchmarks.compare import fingerprint, state_difference
+    from benchmarks.step_time import build_step, parse_args
+
+    args = parse_args(["--task", "rnn", *TOY["rnn"], "--threads", "1"])  # the RNN search draws dropout masks
+    alone, _, task = build_step(args, "second")
+    alone()
+    crowded, _, other = build_step(args, "second")
+    torch.rand(1000)  # another mode's draws in between
+    crowded()
+    assert state_difference(fingerprint(task), fingerprint(other)) == {"alphas_rel_diff": 0.0, "weights_rel_diff": 0.0}
 
 
 def test_compare_with_an_unknown_revision_is_one_line() -> None:
