@@ -19,14 +19,14 @@ from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order, check_precision
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
 from shared.loop import EpochProgress, SchedulerGeneratorState
 from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
-from shared.validation import check_at_least, check_fields
+from shared.validation import check_at_least, check_choice, check_fields
 
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no weights of their own
 
@@ -51,8 +51,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_order(self.order)
-        check_precision(self.precision)
+        check_choice("order", self.order, ORDERS)
+        check_choice("precision", self.precision, PRECISIONS)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "momentum", "weight_decay", "arch_weight_decay")
         check_at_least(self, 1, "train_images")

@@ -22,14 +22,14 @@ from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_pos
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import Bilevel, BilevelConfig, LossFn, check_order, check_precision
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
 from shared.loop import EpochProgress
 from shared.controller import ControllerConfig, strategy_for
 from shared.sampling import check_strategy
-from shared.validation import check_at_least, check_counts, check_fields
+from shared.validation import check_at_least, check_choice, check_counts, check_fields
 
 log = logging.getLogger(__name__)
 ARCH_DATA = ("valid", "train")
@@ -62,12 +62,11 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_order(self.order)
-        check_precision(self.precision)
+        check_choice("order", self.order, ORDERS)
+        check_choice("precision", self.precision, PRECISIONS)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "weight_decay", "arch_weight_decay", "beta")
-        if self.arch_data not in ARCH_DATA:
-            raise ConfigError(f"arch_data must be one of {', '.join(ARCH_DATA)}, got {self.arch_data!r}")
+        check_choice("arch_data", self.arch_data, ARCH_DATA)
         if not 0 < self.arch_fraction < 1:
             raise ConfigError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
         for name in ("batch_size", "eval_batch_size", "bptt", "learning_rate", "grad_clip", "arch_learning_rate"):

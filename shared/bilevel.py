@@ -35,25 +35,13 @@ from torch.func import functional_call
 from shared.collapse import Eigen, top_eigenvalue
 from shared.errors import ConfigError
 from shared.virtual_step import check_differentiable, unrolled_step
-from shared.validation import check_fields
+from shared.validation import check_choice, check_fields
 
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], Tensor]
 Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes (DDP); a no-op on one process
 ORDERS = ("plain", "first", "second", "exact")  # plain: weight steps only, the architecture step does nothing
 PRECISIONS = ("fp32", "bf16")
-
-
-def check_order(order: str) -> None:
-    """One line unless `order` is one of ORDERS."""
-    if order not in ORDERS:
-        raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-
-
-def check_precision(precision: str) -> None:
-    """One line unless `precision` is one of PRECISIONS."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 @dataclass(frozen=True)
@@ -68,8 +56,8 @@ class BilevelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_order(self.order)
-        check_precision(self.precision)
+        check_choice("order", self.order, ORDERS)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if self.fd_radius <= 0:

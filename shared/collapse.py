@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from shared.errors import ConfigError
-from shared.validation import check_fields
+from shared.validation import check_choice, check_fields
 
 EARLY_STOP_RULES = ("off", "robust", "skip")
 EIGENVALUE = "hessian_eigenvalue"  # the metric the robust rule reads
@@ -44,8 +44,7 @@ class CollapseConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.early_stop not in EARLY_STOP_RULES:
-            raise ConfigError(f"early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {self.early_stop!r}")
+        check_choice("early_stop", self.early_stop, EARLY_STOP_RULES)
         for name, low in (("hessian_every", 0), ("hessian_iterations", 1), ("early_stop_start", 0),
                           ("early_stop_window", 1), ("early_stop_delta", 1), ("early_stop_skips", 1)):
             value = getattr(self, name)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.errors import ConfigError
+from shared.validation import check_choice
 
 
 def one_hot_logits(rows: int, cols: int, choice: Sequence[int]) -> Tensor:
@@ -71,8 +72,7 @@ STRATEGIES = ("darts", "random", "reinforce")
 
 def check_strategy(strategy: str, samples: int) -> None:
     """One line unless `strategy` is known and `samples` (cells scored per epoch: select_cells) a positive integer."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    check_choice("strategy", strategy, STRATEGIES)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ConfigError(f"select_cells must be a positive integer, got {samples!r}")
 

@@ -11,7 +11,7 @@ import math
 import numbers
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 from shared.errors import ConfigError
 
@@ -55,6 +55,12 @@ def check_fields(config: Any) -> None:
             allowed = " or ".join(_WORDS.get(typing.get_origin(kind) or kind, getattr(kind, "__name__", str(kind)))
                                   for kind in kinds)
             raise ConfigError(f"{field.name} must be {allowed}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """One ConfigError unless `value` is one of `choices`: "<name> must be one of a, b, c, got <value>"."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_at_least(config: Any, low: float, *names: str) -> None:
