@@ -144,21 +144,20 @@ def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device,
     torch.manual_seed(0)
     mode, _, into = name.partition(":")
     task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if into else mode, device)
-    return own_stream(gradient_pass(task, loss, into) if into else step, device), device, task
+    return own_stream(gradient_pass(task, loss, into) if into else step), device, task
 
 
-def own_stream(step: Step, device: torch.device) -> Step:
+def own_stream(step: Step) -> Step:
     """`step` on a random stream of its own (restored before each call, kept after it): the modes built in one
     process draw the same numbers (dropout masks) whichever modes run between their steps."""
-    cuda = device if device.type == "cuda" else None
-    states = [torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None]
+    from shared.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
 
     def run() -> None:
-        torch.set_rng_state(states[0])
-        if cuda is not None:
-            torch.cuda.set_rng_state(states[1], cuda)
+        set_rng_state(state)
         step()
-        states[:] = [torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None]
+        state.update(rng_state())
 
     return run
 
