@@ -19,7 +19,7 @@ from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn, check_compile
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
@@ -35,6 +35,7 @@ PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only)
     precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
+    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (reduce-overhead: CUDA graphs; no exact)
     epochs: int = 50  # the length of the cosine schedule
     batch_size: int = 64
     learning_rate: float = 0.025
@@ -53,6 +54,7 @@ class SearchConfig:
         check_fields(self)
         check_choice("order", self.order, ORDERS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_compile(self.order, self.compile)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "momentum", "weight_decay", "arch_weight_decay")
         check_at_least(self, 1, "train_images")
@@ -92,7 +94,8 @@ class CNNSearchTask(SchedulerGeneratorState):
                                      momentum=config.momentum, weight_decay=config.weight_decay, foreach=True)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.5, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision)
+        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision,
+                                compile=config.compile)
         self.engine = Bilevel(self.model, weight_opt, arch_opt, bilevel, distributed.average_)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, config.epochs,
                                                                     eta_min=config.learning_rate_min)

@@ -8,6 +8,7 @@ they live in the state dict, and their softmax is taken inside `forward`, so tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +181,13 @@ class Supernet(nn.Module):
         return forward_stem_and_cells(
             x, self.stem, self.cells, self.classifier, self.config.channels_last,
             lambda i, cell, s0, s1: cell(s0, s1, weights_reduce if cell.reduction else weights_normal))
+
+    def compile_cells(self, **options: Any) -> None:
+        """Compile each search cell with `torch.compile(**options)` (on a GPU, `mode="reduce-overhead"` adds CUDA
+        graphs): a cell's shapes are fixed by the batch. Compiled graphs have no double backward, so `order=exact`
+        cannot use it."""
+        for cell in self.cells:
+            cell.compile(**options)
 
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The architecture parameters by name: ALPHA_NAMES."""

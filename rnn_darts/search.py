@@ -22,7 +22,7 @@ from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_pos
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn, check_compile
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
@@ -43,6 +43,7 @@ REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only: a baseline and the benchmark)
     precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
+    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (reduce-overhead: CUDA graphs; no exact)
     batch_size: int = 256
     eval_batch_size: int = 64  # the original's 10 leaves the batch-statistics BatchNorm too few sequences
     bptt: int = 35  # training windows: bptt, one in twenty bptt / 2 (the original search); architecture: bptt
@@ -64,6 +65,7 @@ class SearchConfig:
         check_fields(self)
         check_choice("order", self.order, ORDERS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_compile(self.order, self.compile)
         check_strategy(self.strategy, self.select_cells)
         check_at_least(self, 0, "weight_decay", "arch_weight_decay", "beta")
         check_choice("arch_data", self.arch_data, ARCH_DATA)
@@ -140,7 +142,8 @@ class RNNSearchTask:
                                      weight_decay=config.weight_decay, foreach=True)
         arch_opt = torch.optim.Adam(self.model.arch_parameters(), lr=config.arch_learning_rate, betas=(0.9, 0.999),
                                     weight_decay=config.arch_weight_decay)
-        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision)
+        bilevel = BilevelConfig(config.order, config.grad_clip, precision=config.precision,
+                                compile=config.compile)
         self.engine = Bilevel(self.model, weight_opt, arch_opt, bilevel, distributed.average_)
         self.windows = torch.Generator().manual_seed(seed)  # window lengths: part of the checkpoint
         self.strategy = strategy_for(config.strategy, self.model, config.select_cells, seed, controller)

@@ -14,6 +14,7 @@ The alphas are an `nn.Parameter` on the supernet (state dict, `functional_call`)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,12 @@ class RNNSupernet(TiedLanguageModel):
         emb, x_mask, h_mask = self.embed(tokens)  # then the output mask, in decode
         probs = F.softmax(self.alphas, dim=-1)  # (num_edges, primitives)
         return self.decode(self.cell(emb, hidden[0], probs, x_mask, h_mask))
+
+    def compile_cells(self, **options: Any) -> None:
+        """Compile the cell's time step with `torch.compile(**options)` (on a GPU, `mode="reduce-overhead"` adds
+        CUDA graphs): its shapes are fixed, (B, 2H) and (B, H) in, (B, H) out, whatever the window's length, and a
+        window repeats it 35 times. Compiled graphs have no double backward, so `order=exact` cannot use it."""
+        self.cell.step = torch.compile(self.cell.step, **options)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters (the alphas), for the architecture optimizer."""

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,20 @@ def threads_per_test() -> int:
     The suite runs one test at a time: two torch processes at once oversubscribe a 2-core machine."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return int(os.environ.get("DARTS_TEST_THREADS", min(2, usable)))
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch) -> Iterator[list]:
+    """torch.compile with a backend that records each graph it is given and runs it through AOT autograd without
+    code generation: the capture a real backend gets, in a fraction of the time; dynamo's caches are cleared after."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    recorded: list = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(
+        fn, backend=lambda graph, inputs: recorded.append(graph) or aot_eager(graph, inputs)))
+    yield recorded
+    torch._dynamo.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -113,6 +113,7 @@ def config_values(cls: Any, config: dict[str, Any], renamed: dict[str, str] | No
 
 def search_config() -> None:  # what both searches share besides the collapse and controller keys
     precision = "fp32"  # fp32 | bf16: bf16 autocast in the weight step and the validation passes (docs/engine.md)
+    compile = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the cells; not exact
 
 
 def collapse_config() -> None:  # the collapse diagnostics and early stopping of every search (shared.collapse)
@@ -170,13 +171,14 @@ def add_shared_config(ex: Any, search: bool, corpus: bool = False, images: bool 
 # Keys that may differ between a run and the run that resumes it (a search whose schedule spans `epochs` removes it).
 # The collapse keys only measure and stop: they change nothing a finished epoch computed.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "data_dir", "threads", "time_limit", "tensorboard",
-                               "sync_batch_norm", "precision",
+                               "sync_batch_norm", "precision", "compile",
                                *collapse_config.__code__.co_varnames})
 
 
 # Keys added after runs were recorded, with the value every earlier run behaved as.
 ADDED_KEYS = {"vocab_size": None, "min_frequency": 1, "dataset": "cifar10", "image_column": None, "label_column": None,
-              "train_split": "train", "test_split": None, "precision": "fp32"}
+              "train_split": "train", "test_split": None, "precision": "fp32",
+              "compile": "off"}
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],

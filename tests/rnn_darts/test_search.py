@@ -13,6 +13,7 @@ from rnn_darts.search import RNNSearchTask, SearchConfig, log_unigram
 from rnn_darts.supernet import SupernetConfig
 from shared import checkpoint
 from shared.bilevel import Bilevel, BilevelConfig
+from shared.collapse import CollapseConfig
 from shared.genotypes import RNNGenotype
 from shared.loop import Diverged, EpochRecord, run_epochs
 from shared.virtual_step import unrolled_step
@@ -74,6 +75,19 @@ def test_a_search_epoch_runs_for_every_order_and_yields_a_valid_genotype(corpus,
     assert torch.tensor(record.alphas["alphas"]).shape == (6, 5)
     assert recorder.records == history
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_compiled_search_epoch_runs_every_pass_compiled_and_measures_the_hessian(corpus, tmp_path,
+                                                                                   compiled_graphs: list) -> None:
+    """compile: the weight step, the second-order passes and evaluation compile the cell's time step in more
+    variants than torch's default limit of 8, past which the rest would run eager; the Hessian runs eager."""
+    torch.manual_seed(0)
+    config = SearchConfig(order="second", batch_size=4, eval_batch_size=3, bptt=6, compile="default")
+    task = RNNSearchTask(corpus, SupernetConfig(ntoken=corpus.ntoken, **TINY_MODEL), config, torch.device("cpu"), 0,
+                         CollapseConfig(hessian_every=1))
+    history = run_epochs(task, 1, tmp_path / "checkpoint.pt", ListRecorder(), config={})
+    assert len(compiled_graphs) > 8
+    assert 1 < history[0].metrics["valid_ppl"] < 1e6 and history[0].metrics["hessian_eigenvalue"] > 0
 
 
 def test_windows_are_the_original_searchs_training_bptt_or_half_and_architecture_bptt(corpus, monkeypatch) -> None:
