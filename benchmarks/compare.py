@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -29,6 +30,8 @@ from typing import Any, Iterator
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# The longest a side may take for one answer (building and warming every mode, or one round) before it counts as hung
+ANSWER_TIMEOUT_S = 3600.0
 
 
 @contextmanager
@@ -71,6 +74,11 @@ class Side:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
+        # One answer line per request, so nothing waits in the reader's buffer: the pipe says when it comes
+        if not select.select([self.proc.stdout], [], [], ANSWER_TIMEOUT_S)[0]:
+            self.proc.kill()
+            raise SystemExit(f"step_time: the {self.name} side gave no answer to {request.split()[0]!r} within "
+                             f"{ANSWER_TIMEOUT_S:g} s and was stopped; run that side alone to see where it hangs")
         line = self.proc.stdout.readline()
         if not line:
             raise SystemExit(f"step_time: the {self.name} side ended (exit {self.proc.wait()}); see its error above")
@@ -195,7 +203,7 @@ def compare_sides(args: Any, names: list[str]) -> dict[str, Any] | None:
     from benchmarks.step_time import DEFAULTS, device_name, warm_steps, write_json
 
     if args.serve:
-        serve(*warm_steps(args, names), count_ops)
+        serve(*warm_steps(args, names)[:3], count_ops)
         return None
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
     side_argv = ["--task", args.task, "--modes", ",".join(names), "--device", args.device, "--threads",

@@ -2,6 +2,7 @@
 table (see `benchmarks.step_time`)."""
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Callable
 
@@ -22,6 +23,32 @@ TARGET_VS_ORIGINAL = {"rnn": 0.5, "cnn": 0.35}
 BASELINE_LAUNCHES = {"rnn": 11_093, "cnn": 14_512}
 TARGET_LAUNCHES = {"rnn": 0.5, "cnn": 2 / 3}
 TARGET_EXACT = {"cnn": {"x_plain": 5.0, "memory_x_plain": 2.0}}
+
+
+# The paper's search data: PTB's training tokens (with <eos>); CIFAR-10's training images that train the weights
+SEARCH_DATA = {"rnn": 929_589, "cnn": 25_000}
+
+
+def steps_per_epoch(task: str, batch: int, bptt: int | None) -> int:
+    """The search steps in one epoch of the paper's data at `batch`: windows of `bptt` tokens down each of `batch`
+    token columns (PTB), or batches of images (CIFAR-10)."""
+    if task == "rnn":
+        return math.ceil((SEARCH_DATA["rnn"] // batch - 1) / bptt)
+    return math.ceil(SEARCH_DATA["cnn"] / batch)
+
+
+def add_projection(task: str, figures: list[dict[str, Any]], steps: int, epochs: int) -> None:
+    """Hours of an `epochs`-epoch search of the paper's data at each mode's median step (`steps` an epoch); the
+    evaluations and collapse measurements between epochs are not in it."""
+    for f in figures:
+        f["projected_search_h"] = epochs * steps * f["median_s"] / 3600
+        f["projection"] = {"epochs": epochs, "steps_per_epoch": steps}
+
+
+def add_compiled_ratios(modes: dict[str, dict[str, Any]], compiled: dict[str, dict[str, Any]]) -> None:
+    """Each compiled mode's time over the same mode's eager step: the median of the rounds' ratios."""
+    for mode, f in compiled.items():
+        f["x_eager_paired"] = statistics.median(c / e for c, e in zip(f["times_s"], modes[mode]["times_s"]))
 
 
 def add_ratios(task: str, modes: dict[str, dict[str, Any]], original_config: bool) -> None:
@@ -101,6 +128,14 @@ def print_table(result: dict[str, Any]) -> None:
                 if "plain" in result["modes"] else "")
     print(f"one collapse measurement (alpha Hessian eigenvalue, {hessian['products']} Hessian-vector products): "
           f"{hessian['median_s']:.3f} s{in_plain}")
+    for mode, f in result["compiled"].items():
+        print(f"compiled {mode}: {f['median_s']:.3f} s ({f['x_eager_paired']:.2f} x eager, paired), first step "
+              f"{f['first_step_s']:.1f} s (compiles), {f['peak_memory_mb']:.0f} MiB")
+    any_mode = next(iter(result["modes"].values()))["projection"]
+    print(f"projected {any_mode['epochs']}-epoch search ({any_mode['steps_per_epoch']} steps an epoch of the paper's "
+          "data at this batch; no evaluation): " + ", ".join(
+              f"{mode} {f['projected_search_h']:.1f} h" for mode, f in result["modes"].items())
+          + "".join(f", {mode} compiled {f['projected_search_h']:.1f} h" for mode, f in result["compiled"].items()))
     for name, check in result["checks"].items():
         print(f"  {'ok  ' if check['ok'] else 'MISS'} {name}: {check['value']:.2f}")
     print("launches: aten operators a step dispatches that are not views (a GPU's kernel launches); ops: all of them")

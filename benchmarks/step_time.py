@@ -3,6 +3,7 @@
     python -m benchmarks.step_time --task rnn                      # CPU, 2 threads, batch 16, 300/300, 10k words
     python -m benchmarks.step_time --task cnn --json out.json      # C 16, 8 cells, batch 16
     python -m benchmarks.step_time --task cnn --device cuda --batch 64
+    python -m benchmarks.step_time --task rnn --device cuda --batch 256 --compile reduce-overhead   # CUDA graphs
 
 A step is what the search's `train_step` does: the architecture step of the mode (none for plain) followed by the
 weight step. Times are taken round-robin over the modes in one process (a drifting machine slows all alike); peak
@@ -16,6 +17,11 @@ Each mode's floor is measured in the same rounds: a mode runs the real weight st
 (forward + backward into the weights, the alphas or both; `FLOORS`), and no implementation of the same algorithm
 can take less than their sum. A mode's ratio over its floor is the engine's own overhead; a target below the floor
 is out of reach for the algorithm on that machine and config, whatever the engine does.
+
+`--compile MODE` also times every mode but exact with the search's `compile=MODE` (the supernet's cells compiled by
+torch.compile; reduce-overhead replays them as CUDA graphs) in the same rounds, each compiled step's ratio to its eager
+one and the seconds of its first step, which compiles. Every mode's median gives the projected search of `--epochs`
+epochs (50, the paper's) of the paper's data at this batch: the steps alone, no evaluation.
 
 After the rounds, the cost of one collapse measurement (the dominant eigenvalue of the alpha Hessian, as a search
 records it every `hessian_every` epochs) is timed at its cap of `hessian_iterations` Hessian-vector products, in
@@ -39,7 +45,8 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.op_count import count_ops
-from benchmarks.step_figures import FLOORS, add_floors, add_ratios, print_table, targets
+from benchmarks.step_figures import (FLOORS, add_compiled_ratios, add_floors, add_projection, add_ratios,
+                                     print_table, steps_per_epoch, targets)
 from shared.bilevel import LossFn
 
 Step = Callable[[], None]
@@ -51,13 +58,16 @@ DEFAULTS = {"rnn": dict(batch=16, bptt=35, ntoken=10_000, nhid=300, steps=8),
             "cnn": dict(batch=16, C=16, layers=8, steps=4)}
 
 
-def precision(args: argparse.Namespace) -> dict[str, str]:
-    """The search config's precision, named only when not the default (revisions before it knew no such key)."""
-    return {} if args.precision == "fp32" else {"precision": args.precision}
+def search_options(args: argparse.Namespace, compiled: bool) -> dict[str, str]:
+    """The search config's precision and, for a compiled step, compile mode, each named only when not the default
+    (revisions before them knew no such keys)."""
+    options = {} if args.precision == "fp32" else {"precision": args.precision}
+    return {**options, "compile": args.compile} if compiled else options
 
 
 # ---- one mode's step ---------------------------------------------------------------------------------------------
-def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Any, Step, Callable[[], LossFn]]:
+def rnn_step(args: argparse.Namespace, mode: str, device: torch.device,
+             options: dict[str, str]) -> tuple[Any, Step, Callable[[], LossFn]]:
     from rnn_darts.data import synthetic_corpus
     from rnn_darts.search import RNNSearchTask, SearchConfig
     from rnn_darts.supernet import SupernetConfig
@@ -65,7 +75,7 @@ def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple
     corpus = synthetic_corpus(args.ntoken, tokens=4 * args.batch * (args.bptt + 1), seed=0)
     model = SupernetConfig(ntoken=args.ntoken, ninp=args.nhid, nhid=args.nhid, steps=args.steps)
     config = SearchConfig(order=mode, batch_size=args.batch, eval_batch_size=args.batch,  # no evaluation is timed
-                          **precision(args))
+                          **options)
     task = RNNSearchTask(corpus, model, config, device, seed=0)
     task.model.train()
     x, y, xa, ya = (torch.randint(args.ntoken, (args.bptt, args.batch), device=device) for _ in range(4))
@@ -78,14 +88,15 @@ def rnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple
     return task, step, lambda: task.loss(x, y, state["hidden"], True)
 
 
-def cnn_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Any, Step, Callable[[], LossFn]]:
+def cnn_step(args: argparse.Namespace, mode: str, device: torch.device,
+             options: dict[str, str]) -> tuple[Any, Step, Callable[[], LossFn]]:
     from cnn_darts.data import synthetic_images
     from cnn_darts.search import CNNSearchTask, SearchConfig
     from cnn_darts.supernet import SupernetConfig
 
     data = synthetic_images(train=4 * args.batch, test=args.batch, seed=0)
     model = SupernetConfig(C=args.C, layers=args.layers, steps=args.steps, multiplier=args.steps)
-    config = SearchConfig(order=mode, batch_size=args.batch, **precision(args))
+    config = SearchConfig(order=mode, batch_size=args.batch, **options)
     task = CNNSearchTask(data, model, config, device, seed=0)
     task.model.train()
     generator = torch.Generator().manual_seed(0)
@@ -116,7 +127,7 @@ def hessian_cost(args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
 
     device = resolve_threads(args)
     torch.manual_seed(0)
-    task, _, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain", device)
+    task, _, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain", device, search_options(args, False))
     iterations = CollapseConfig().hessian_iterations
     times = []
     for _ in range(repeats + 1):
@@ -138,13 +149,14 @@ def resolve_threads(args: argparse.Namespace) -> torch.device:
 
 
 def build_step(args: argparse.Namespace, name: str) -> tuple[Step, torch.device, Any]:
-    """The step of mode `name`, or for `pass:INTO` one gradient pass of a plain task (see `gradient_pass`); the
-    device and the task it steps."""
+    """The step of mode `name`, of `compiled:MODE` (the supernet's cells compiled: `--compile`) or for `pass:INTO`
+    one gradient pass of a plain task (see `gradient_pass`); the device and the task it steps."""
     device = resolve_threads(args)
     torch.manual_seed(0)
-    mode, _, into = name.partition(":")
-    task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if into else mode, device)
-    return own_stream(gradient_pass(task, loss, into) if into else step), device, task
+    kind, _, what = name.rpartition(":")
+    task, step, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain" if kind == "pass" else what,
+                                                                      device, search_options(args, kind == "compiled"))
+    return own_stream(gradient_pass(task, loss, what) if kind == "pass" else step), device, task
 
 
 def own_stream(step: Step) -> Step:
@@ -178,10 +190,11 @@ def peak_memory(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return {"peak_memory_mb": peak(), "working_memory_mb": peak() - before}
 
 
-def warm_steps(args: argparse.Namespace,
-               names: list[str]) -> tuple[dict[str, Step], Callable[[Step], float], dict[str, Any]]:
+def warm_steps(args: argparse.Namespace, names: list[str]
+               ) -> tuple[dict[str, Step], Callable[[Step], float], dict[str, Any], dict[str, float]]:
     """The steps of `names` (see `build_step`), each run `args.warmup` times, the timer of one step (which waits
-    for a GPU to finish before and after) and the tasks they step."""
+    for a GPU to finish before and after), the tasks they step and the seconds of each one's first step (a compiled
+    step compiles in it)."""
     steps = {name: build_step(args, name) for name in names}
     device = next(iter(steps.values()))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -193,23 +206,28 @@ def warm_steps(args: argparse.Namespace,
         sync()
         return time.perf_counter() - started
 
+    first = {name: seconds(step) for name, (step, _, _) in steps.items() if args.warmup}
     for step, _, _ in steps.values():
-        for _ in range(args.warmup):
+        for _ in range(args.warmup - 1):
             step()
-    return {name: built[0] for name, built in steps.items()}, seconds, {name: built[2] for name, built in steps.items()}
+    tasks = {name: built[2] for name, built in steps.items()}
+    return {name: built[0] for name, built in steps.items()}, seconds, tasks, first
 
 
 def interleaved_times(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, Any]]:
     """Seconds per step of every mode, timed round-robin (each round in a rotated order) so that a machine whose
     speed drifts slows every mode alike; `x_plain_paired` is the median over rounds of the ratio to that round's
-    plain step. Then the operators one more step of each mode dispatches (`benchmarks.op_count`)."""
-    steps, seconds, _ = warm_steps(args, modes)
+    plain step. Then the operators one more step of each mode dispatches (`benchmarks.op_count`), but a compiled
+    one's: under the counting mode its cells run eager, so the count would be the eager step's."""
+    steps, seconds, _, first = warm_steps(args, modes)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(args.steps_timed):
         for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
             times[mode].append(seconds(steps[mode]))
     result = {mode: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": len(t),
-                     "times_s": t, **count_ops(steps[mode])} for mode, t in times.items()}
+                     "times_s": t, "first_step_s": first.get(mode),
+                     **({} if mode.startswith("compiled:") else count_ops(steps[mode]))}
+              for mode, t in times.items()}
     if "plain" in times:
         for mode, t in times.items():
             result[mode]["x_plain_paired"] = statistics.median(a / b for a, b in zip(t, times["plain"]))
@@ -269,6 +287,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="intermediate nodes per cell (rnn 8, cnn 4)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-timed", type=int, default=10, dest="steps_timed")
+    parser.add_argument("--compile", metavar="MODE", help="also time each mode but exact with the search's "
+                        "compile=MODE (a torch.compile mode; reduce-overhead: CUDA graphs)")
+    parser.add_argument("--epochs", type=int, default=50, help="the search length the projection assumes")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--compare", metavar="REV", help="time this tree and git revision REV in the same rounds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -280,8 +301,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
-    if args.batch < 2 or args.threads < 1 or args.steps_timed < 1 or args.warmup < 0:
-        parser.error("--batch must be >= 2, --threads and --steps-timed >= 1, --warmup >= 0")
+    if args.batch < 2 or args.threads < 1 or args.steps_timed < 1 or args.warmup < 0 or args.epochs < 1:
+        parser.error("--batch must be >= 2, --threads, --steps-timed and --epochs >= 1, --warmup >= 0")
+    if args.compile:  # imported here: a --compare side may run a revision that predates it
+        from shared.bilevel import COMPILE_MODES
+
+        if args.compile not in COMPILE_MODES[1:] or args.compare or not args.warmup:
+            parser.error(f"--compile takes one of {', '.join(COMPILE_MODES[1:])}, needs --warmup >= 1 (the first "
+                         "step compiles) and does not combine with --compare")
     from shared.device import resolve_device
     from shared.errors import UserFacingError
 
@@ -303,21 +330,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         from benchmarks.compare import compare_sides
 
         return compare_sides(args, names)
+    compiled = [f"compiled:{mode}" for mode in names if mode != "exact"] if args.compile else []
     # Before the timing; on the CPU the children may overlap (each measures its own peak), not on one GPU.
     with ThreadPoolExecutor(max_workers=len(names) if on_cpu(args) else 1) as pool:
-        memory = dict(zip(names, pool.map(lambda mode: child_memory(argv, mode), names)))
+        memory = dict(zip(names + compiled, pool.map(lambda name: child_memory(argv, name), names + compiled)))
     # The floors' passes run in fp32: a bf16 search mixes precisions across them (shared.bilevel.BilevelConfig)
     floors = "plain" in names and set(names) & set(FLOORS) and args.precision == "fp32"
     passes = [f"pass:{into}" for into in PASSES] if floors else []
-    timed = interleaved_times(args, names + passes)
+    timed = interleaved_times(args, names + compiled + passes)
     modes = {mode: {**timed[mode], **memory[mode]} for mode in names}
     config = {k: getattr(args, k) for k in DEFAULTS[args.task]}
-    config.update(threads=args.threads, precision=args.precision, warmup=args.warmup, steps_timed=args.steps_timed)
+    config.update(threads=args.threads, precision=args.precision, warmup=args.warmup, steps_timed=args.steps_timed,
+                  compile=args.compile)
     result = {"task": args.task, "modes": modes, "device": device_name(args.device), "torch": torch.__version__,
               "config": config, "date": datetime.date.today().isoformat(),
+              "compiled": {name.partition(":")[2]: {**timed[name], **memory[name]} for name in compiled},
               "passes": {name.partition(":")[2]: timed[name] for name in passes}, "hessian": hessian_cost(args)}
     add_ratios(args.task, modes, is_default_config(args) and args.threads == 2)
     add_floors(modes, result["passes"])
+    add_compiled_ratios(modes, result["compiled"])
+    add_projection(args.task, [*modes.values(), *result["compiled"].values()],
+                   steps_per_epoch(args.task, args.batch, args.bptt), args.epochs)
     result["checks"] = targets(args.task, modes, is_default_config(args))
     print_table(result)
     write_json(args, result)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def test_benchmark_writes_every_mode_with_ratios_and_checks(tmp_path: Path, task
     hessian = result["hessian"]
     assert (hessian["products"] <= 15 if task == "rnn" else hessian["products"] == 20) and hessian["median_s"] > 0
     assert "one collapse measurement" in proc.stdout
+    # the projected 50-epoch search of the paper's data at this batch (toy batch: 4 or 2)
+    steps = math.ceil((929_589 // 4 - 1) / 5) if task == "rnn" else 25_000 // 2
+    for figures in result["modes"].values():
+        assert figures["projection"] == {"epochs": 50, "steps_per_epoch": steps}
+        assert figures["projected_search_h"] == pytest.approx(50 * steps * figures["median_s"] / 3600)
+    assert result["compiled"] == {} and "projected 50-epoch search" in proc.stdout
 
 
 @pytest.mark.parametrize("into, weights, alphas", [("weights", True, False), ("alphas", False, True),
@@ -152,3 +159,70 @@ def test_compare_with_an_unknown_revision_is_one_line() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "--compare no-such-rev: git cannot check it out" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("task, mode", [("rnn", "plain"), ("rnn", "second"), ("cnn", "first")])
+def test_compiled_cells_step_as_the_eager_cells(compiled_graphs: list, task: str, mode: str) -> None:
+    """`--compile` (the search's compile option): the supernet's cells captured by torch.compile (the graphs run
+    through AOT autograd without code generation: `compiled_graphs`) move every parameter as the eager step does."""
+    from benchmarks.step_time import build_step, parse_args
+
+    args = parse_args(["--task", task, *TOY[task], "--threads", "1", "--compile", "default"])
+    updates = []
+    for name in (mode, f"compiled:{mode}"):
+        step, _, built = build_step(args, name)
+        before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
+        step()
+        updates.append({n: p.detach() - before[n] for n, p in built.model.named_parameters()})
+    assert compiled_graphs, "nothing was compiled"
+    assert any(update.abs().max() > 0 for update in updates[1].values())
+    for name, eager in updates[0].items():
+        torch.testing.assert_close(updates[1][name], eager, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_compiled_modes_are_timed_in_the_same_rounds_as_eager(compiled_graphs: list, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import step_time
+
+    monkeypatch.setattr(step_time, "child_memory", lambda argv, name: {"peak_memory_mb": 2.0,
+                                                                       "working_memory_mb": 1.0})
+    result = step_time.main(["--task", "rnn", *TOY["rnn"], "--threads", "1", "--modes", "plain,exact", "--warmup",
+                             "1", "--steps-timed", "3", "--compile", "default", "--json", str(tmp_path / "f.json")])
+    assert list(result["compiled"]) == ["plain"] and compiled_graphs  # exact has no compiled step
+    compiled, eager = result["compiled"]["plain"], result["modes"]["plain"]
+    assert compiled["steps"] == 3 and "launches" not in compiled and compiled["first_step_s"] > 0
+    assert compiled["x_eager_paired"] == pytest.approx(
+        sorted(c / e for c, e in zip(compiled["times_s"], eager["times_s"]))[1])
+    assert compiled["projected_search_h"] > 0 and result["config"]["compile"] == "default"
+
+
+def test_compile_is_one_line_when_it_cannot_run(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.step_time import parse_args
+
+    for extra in (["--compile", "fast"], ["--compile", "default", "--warmup", "0"],
+                  ["--compile", "default", "--compare", "HEAD"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--task", "rnn", *extra])
+        assert "error: --compile takes one of default, reduce-overhead" in capsys.readouterr().err
+    assert parse_args(["--task", "rnn", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+
+
+def test_projection_counts_the_papers_steps_per_epoch() -> None:
+    from benchmarks.step_figures import steps_per_epoch
+
+    # ../shared/reference/original-darts.md: PTB 104 steps an epoch at batch 256, CIFAR-10 391 at batch 64
+    assert steps_per_epoch("rnn", 256, 35) == 104 and steps_per_epoch("cnn", 64, None) == 391
+    assert steps_per_epoch("rnn", 16, 35) == math.ceil((929_589 // 16 - 1) / 35)
+
+
+def test_a_side_that_hangs_is_stopped_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import compare
+
+    monkeypatch.setattr(compare, "ANSWER_TIMEOUT_S", 0.5)
+    side = compare.Side.__new__(compare.Side)
+    side.name = "HEAD"
+    side.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    with pytest.raises(SystemExit, match="the HEAD side gave no answer to 'round' within 0.5 s and was stopped"):
+        side.ask("round plain")
+    assert side.proc.wait(timeout=10) != 0  # killed
