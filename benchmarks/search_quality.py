@@ -33,6 +33,7 @@ from rnn_darts.data import Corpus, load_corpus, unigram_perplexity
 from rnn_darts.search import RNNSearchTask, SearchConfig
 from rnn_darts.supernet import SupernetConfig
 from shared.device import resolve_device
+from shared.errors import UserFacingError
 from shared.genotypes import to_dict
 
 ORDERS = ("plain", "first", "second")
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     args.batch = args.batch or (256 if device.type == "cuda" else 64)
-    corpus = load_corpus(args.data_dir)
+    try:
+        corpus = load_corpus(args.data_dir)
+    except UserFacingError as error:
+        raise SystemExit(f"search_quality: {error}") from None
     result: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "machine": _machine(),
         "device": str(device), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),

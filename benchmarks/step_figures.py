@@ -37,7 +37,7 @@ def steps_per_epoch(task: str, batch: int, bptt: int | None) -> int:
     return math.ceil(SEARCH_DATA["cnn"] / batch)
 
 
-def add_projection(task: str, figures: list[dict[str, Any]], steps: int, epochs: int) -> None:
+def add_projection(figures: list[dict[str, Any]], steps: int, epochs: int) -> None:
     """Hours of an `epochs`-epoch search of the paper's data at each mode's median step (`steps` an epoch); the
     evaluations and collapse measurements between epochs are not in it."""
     for f in figures:
@@ -124,16 +124,17 @@ def print_table(result: dict[str, Any]) -> None:
             f"{into} {f['median_s']:.3f} s ({f['launches']} launches)" for into, f in result["passes"].items())
             + "; floor = plain + the passes of the mode's algorithm, over plain (per round)")
     hessian = result["hessian"]
-    in_plain = (f" = {hessian['median_s'] / result['modes']['plain']['median_s']:.1f} plain steps"
-                if "plain" in result["modes"] else "")
-    print(f"one collapse measurement (alpha Hessian eigenvalue, {hessian['products']} Hessian-vector products): "
-          f"{hessian['median_s']:.3f} s{in_plain}")
+    if hessian is not None:
+        in_plain = (f" = {hessian['median_s'] / result['modes']['plain']['median_s']:.1f} plain steps"
+                    if "plain" in result["modes"] else "")
+        print(f"one collapse measurement (alpha Hessian eigenvalue, {hessian['products']} Hessian-vector products): "
+              f"{hessian['median_s']:.3f} s{in_plain}")
     for mode, f in result["compiled"].items():
         print(f"compiled {mode}: {f['median_s']:.3f} s ({f['x_eager_paired']:.2f} x eager, paired), first step "
               f"{f['first_step_s']:.1f} s (compiles), {f['peak_memory_mb']:.0f} MiB")
-    any_mode = next(iter(result["modes"].values()))["projection"]
-    print(f"projected {any_mode['epochs']}-epoch search ({any_mode['steps_per_epoch']} steps an epoch of the paper's "
-          "data at this batch; no evaluation): " + ", ".join(
+    projection = next(iter(result["modes"].values()))["projection"]
+    print(f"projected {projection['epochs']}-epoch search ({projection['steps_per_epoch']} steps an epoch of the "
+          "paper's data at this batch; no evaluation): " + ", ".join(
               f"{mode} {f['projected_search_h']:.1f} h" for mode, f in result["modes"].items())
           + "".join(f", {mode} compiled {f['projected_search_h']:.1f} h" for mode, f in result["compiled"].items()))
     for name, check in result["checks"].items():

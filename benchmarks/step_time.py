@@ -120,9 +120,11 @@ def gradient_pass(task: Any, loss: Callable[[], LossFn], into: str) -> Step:
     return run
 
 
-def hessian_cost(args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
+def hessian_cost(args: argparse.Namespace) -> dict[str, Any] | None:
     """Seconds of one eigenvalue measurement at the default cost cap (tolerance 0: every product is spent), after
-    one untimed measurement; the median of `repeats`."""
+    one untimed measurement; the median of `--hessian-repeats` (None when 0)."""
+    if not args.hessian_repeats:
+        return None
     from shared.collapse import CollapseConfig
 
     device = resolve_threads(args)
@@ -130,7 +132,7 @@ def hessian_cost(args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
     task, _, loss = (rnn_step if args.task == "rnn" else cnn_step)(args, "plain", device, search_options(args, False))
     iterations = CollapseConfig().hessian_iterations
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(args.hessian_repeats + 1):
         started = time.perf_counter()
         eigen = task.engine.alpha_hessian_eigen(loss(), iterations, tol=0.0)
         if device.type == "cuda":
@@ -290,6 +292,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--compile", metavar="MODE", help="also time each mode but exact with the search's "
                         "compile=MODE (a torch.compile mode; reduce-overhead: CUDA graphs)")
     parser.add_argument("--epochs", type=int, default=50, help="the search length the projection assumes")
+    parser.add_argument("--hessian-repeats", type=int, default=2, dest="hessian_repeats",
+                        help="timed collapse measurements after an untimed one (0: none)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--compare", metavar="REV", help="time this tree and git revision REV in the same rounds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -301,10 +305,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
-    if args.batch < 2 or args.threads < 1 or args.steps_timed < 1 or args.warmup < 0 or args.epochs < 1:
-        parser.error("--batch must be >= 2, --threads, --steps-timed and --epochs >= 1, --warmup >= 0")
+    if (args.batch < 2 or args.threads < 1 or args.steps_timed < 1 or args.warmup < 0 or args.epochs < 1
+            or args.hessian_repeats < 0):
+        parser.error("--batch must be >= 2, --threads, --steps-timed and --epochs >= 1, --warmup and "
+                     "--hessian-repeats >= 0")
     if args.compile:  # imported here: a --compare side may run a revision that predates it
-        from shared.bilevel import COMPILE_MODES
+        from shared.compiled import COMPILE_MODES
 
         if args.compile not in COMPILE_MODES[1:] or args.compare or not args.warmup:
             parser.error(f"--compile takes one of {', '.join(COMPILE_MODES[1:])}, needs --warmup >= 1 (the first "
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     add_ratios(args.task, modes, is_default_config(args) and args.threads == 2)
     add_floors(modes, result["passes"])
     add_compiled_ratios(modes, result["compiled"])
-    add_projection(args.task, [*modes.values(), *result["compiled"].values()],
+    add_projection([*modes.values(), *result["compiled"].values()],
                    steps_per_epoch(args.task, args.batch, args.bptt), args.epochs)
     result["checks"] = targets(args.task, modes, is_default_config(args))
     print_table(result)

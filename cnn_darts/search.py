@@ -19,7 +19,8 @@ from cnn_darts.metrics import accuracy_metrics, classify, progress_postfix
 from cnn_darts.supernet import Supernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn, check_compile
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
+from shared.compiled import check_compile
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import CNNGenotype
@@ -35,7 +36,7 @@ PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")  # ops with no
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only)
     precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
-    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (reduce-overhead: CUDA graphs; no exact)
+    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (shared.compiled.COMPILE_MODES)
     epochs: int = 50  # the length of the cosine schedule
     batch_size: int = 64
     learning_rate: float = 0.025

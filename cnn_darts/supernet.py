@@ -8,13 +8,13 @@ they live in the state dict, and their softmax is taken inside `forward`, so tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnn_darts.ops import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, forward_stem_and_cells, stem_and_cells
+from shared.compiled import compile_unit
 from shared.errors import ConfigError
 from shared.genotypes import CNN_PRIMITIVES, CNNGenotype, Edge
 from shared.sampling import Decision, none_column, one_hot_logits
@@ -182,12 +182,10 @@ class Supernet(nn.Module):
             x, self.stem, self.cells, self.classifier, self.config.channels_last,
             lambda i, cell, s0, s1: cell(s0, s1, weights_reduce if cell.reduction else weights_normal))
 
-    def compile_cells(self, **options: Any) -> None:
-        """Compile each search cell with `torch.compile(**options)` (on a GPU, `mode="reduce-overhead"` adds CUDA
-        graphs): a cell's shapes are fixed by the batch. Compiled graphs have no double backward, so `order=exact`
-        cannot use it."""
+    def compile_cells(self, mode: str) -> None:
+        """Compile each search cell's forward (`shared.compiled.compile_unit`): its shapes are fixed by the batch."""
         for cell in self.cells:
-            cell.compile(**options)
+            cell.forward = compile_unit(cell.forward, mode)
 
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The architecture parameters by name: ALPHA_NAMES."""

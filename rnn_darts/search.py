@@ -22,7 +22,8 @@ from rnn_darts.loss import language_model_loss, perplexity_metrics, progress_pos
 from rnn_darts.supernet import RNNSupernet, SupernetConfig
 from shared import distributed
 from shared.device import check_fits
-from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn, check_compile
+from shared.bilevel import ORDERS, PRECISIONS, Bilevel, BilevelConfig, LossFn
+from shared.compiled import check_compile
 from shared.collapse import CollapseConfig, eigen_metrics
 from shared.errors import ConfigError
 from shared.genotypes import RNNGenotype
@@ -43,7 +44,7 @@ REWARD_C = 80.0  # REINFORCE's reward is REWARD_C / perplexity (ENAS)
 class SearchConfig:
     order: str = "second"  # first | second | exact | plain (weight steps only: a baseline and the benchmark)
     precision: str = "fp32"  # fp32 | bf16 (autocast in the weight step and the architecture passes: BilevelConfig)
-    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (reduce-overhead: CUDA graphs; no exact)
+    compile: str = "off"  # off | a torch.compile mode for the supernet's cells (shared.compiled.COMPILE_MODES)
     batch_size: int = 256
     eval_batch_size: int = 64  # the original's 10 leaves the batch-statistics BatchNorm too few sequences
     bptt: int = 35  # training windows: bptt, one in twenty bptt / 2 (the original search); architecture: bptt

@@ -14,7 +14,6 @@ The alphas are an `nn.Parameter` on the supernet (state dict, `functional_call`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from rnn_darts.network import HighwayCell, TiedLanguageModel, check_config
 from rnn_darts.ops import ACTIVATIONS, NONE
+from shared.compiled import compile_unit
 from shared.errors import ConfigError
 from shared.genotypes import RNN_PRIMITIVES, RNNGenotype
 from shared.sampling import Decision, none_column, one_hot_logits
@@ -149,11 +149,10 @@ class RNNSupernet(TiedLanguageModel):
         probs = F.softmax(self.alphas, dim=-1)  # (num_edges, primitives)
         return self.decode(self.cell(emb, hidden[0], probs, x_mask, h_mask))
 
-    def compile_cells(self, **options: Any) -> None:
-        """Compile the cell's time step with `torch.compile(**options)` (on a GPU, `mode="reduce-overhead"` adds
-        CUDA graphs): its shapes are fixed, (B, 2H) and (B, H) in, (B, H) out, whatever the window's length, and a
-        window repeats it 35 times. Compiled graphs have no double backward, so `order=exact` cannot use it."""
-        self.cell.step = torch.compile(self.cell.step, **options)
+    def compile_cells(self, mode: str) -> None:
+        """Compile the cell's time step (`shared.compiled.compile_unit`): its shapes are fixed, (B, 2H) and (B, H)
+        in, (B, H) out, whatever the window's length, and a window repeats it 35 times."""
+        self.cell.step = compile_unit(self.cell.step, mode)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters (the alphas), for the architecture optimizer."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from shared.collapse import Eigen, top_eigenvalue
+from shared.compiled import check_compile, compile_model, eager
 from shared.errors import ConfigError
 from shared.virtual_step import check_differentiable, unrolled_step
 from shared.validation import check_choice, check_fields
@@ -42,30 +43,6 @@ LossFn = Callable[[Forward], Tensor]
 Reduce = Callable[[Sequence[Tensor]], None]  # in-place average across processes (DDP); a no-op on one process
 ORDERS = ("plain", "first", "second", "exact")  # plain: weight steps only, the architecture step does nothing
 PRECISIONS = ("fp32", "bf16")
-# off, or torch.compile's mode for the model's fixed-shape units (`compile_model`); reduce-overhead adds CUDA graphs
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-RECOMPILE_LIMIT = 128  # compiled variants of one function (`compile_model`)
-
-
-def check_compile(order: str, compile: str) -> None:
-    """`compile` is one of COMPILE_MODES and, unless off, the order needs no double backward."""
-    check_choice("compile", compile, COMPILE_MODES)
-    if compile != "off" and order == "exact":
-        raise ConfigError(f"compile={compile} cannot run order=exact: compiled graphs have no double backward; "
-                          "use order=second or compile=off")
-
-
-def compile_model(model: nn.Module, mode: str) -> None:
-    """Compile `model` in place with torch.compile's `mode`: its `compile_cells` where it has one (the units of
-    fixed shape: a recurrent cell's time step, a convolutional cell), else its forward."""
-    # A function compiles apart for each kind of pass (which of weights and alphas need gradients), for training
-    # and evaluation (no_grad), each batch size and, where several cells share one forward, each cell shape: more
-    # variants than torch's default limit of 8, past which it would quietly run the rest eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if hasattr(model, "compile_cells"):
-        model.compile_cells(mode=mode)
-    else:
-        model.compile(mode=mode)
 
 
 @dataclass(frozen=True)
@@ -77,8 +54,8 @@ class BilevelConfig:
     # autocast; the training gradient behind w', the +-eps passes (a difference of nearly equal gradients), the exact
     # product and the Hessian measurement stay in fp32, as do the parameters, the optimizers and the alphas' update.
     precision: str = "fp32"
-    # torch.compile the model (`compile_model`) in this mode; every pass runs compiled but the double-backward ones
-    # (order=exact is refused; the collapse measurement runs eager)
+    # torch.compile the model in this mode (shared.compiled: off | default | reduce-overhead | ...); every pass runs
+    # compiled but the double-backward ones (order=exact is refused; the collapse measurement runs eager)
     compile: str = "off"
 
     def __post_init__(self) -> None:
@@ -250,7 +227,7 @@ class Bilevel:
         alphas = [a.detach().requires_grad_() for _, a in self.alphas]
         weights = {n: p.detach() for n, p in self.weights}
         # eager even where the model is compiled: compiled graphs have no double backward
-        with _RandomReplay(alphas[0].device).replay(), torch.compiler.set_stance("force_eager"):
+        with _RandomReplay(alphas[0].device).replay(), eager(self.config.compile != "off"):
             loss = loss_fn(self.forward_with(weights, dict(zip(names, alphas))))
         grads = _grad(loss, alphas, create_graph=True)
         sizes = [a.numel() for a in alphas]

@@ -7,9 +7,9 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -114,7 +114,7 @@ def threads_per_test() -> int:
 
 
 @pytest.fixture
-def compiled_graphs(monkeypatch) -> Iterator[list]:
+def compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
     """torch.compile with a backend that records each graph it is given and runs it through AOT autograd without
     code generation: the capture a real backend gets, in a fraction of the time; dynamo's caches are cleared after."""
     from torch._dynamo.backends.debugging import aot_eager

