@@ -92,3 +92,16 @@ def test_compile_refuses_synced_batch_norm() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), SyncedBatchNorm(4))
     with pytest.raises(ConfigError, match="compile does not run with sync_batch_norm=True"):
         compile_model(model, "default")
+
+
+@pytest.mark.parametrize("capability, width", [("AVX512", 512), ("AVX2", 256), ("DEFAULT", None)])
+def test_inductor_code_follows_the_aten_cpu_capability(monkeypatch: pytest.MonkeyPatch, compiled_graphs: list,
+                                                       capability: str, width: int | None) -> None:
+    # in inductor's config, so its graph cache keys on it: a graph cached under AVX-512 and loaded under
+    # ATEN_CPU_CAPABILITY=avx2 made the first step NaN (torch 2.13)
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "simdlen", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    compile_model(torch.nn.Linear(2, 2), "default")
+    assert config.cpp.simdlen == width
