@@ -43,17 +43,17 @@ def compile_model(model: nn.Module, mode: str) -> None:
         raise ConfigError("compile does not run with sync_batch_norm=True (an all-reduce inside a compiled cell is "
                           "untested): set compile=off or sync_batch_norm=False")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    cache_per_capability()
+    follow_cpu_capability()
     if hasattr(model, "compile_cells"):
         model.compile_cells(mode)
     else:
         model.forward = compile_unit(model.forward, mode)
 
 
-def cache_per_capability() -> None:
-    """Inductor's CPU code for the ATen CPU capability this process runs with, stated in its config so that its
-    graph cache keys on it: a graph compiled under AVX-512 and loaded under ATEN_CPU_CAPABILITY=avx2 made the first
-    step NaN (torch 2.13; fine with a fresh cache or the graph cache off)."""
+def follow_cpu_capability() -> None:
+    """Inductor's CPU code for the ATen CPU capability this process runs with (the vector width), stated in its
+    config so that its graph cache keys on it: a graph compiled under AVX-512 and loaded under
+    ATEN_CPU_CAPABILITY=avx2 made the first step NaN (torch 2.13; fine with a fresh cache or the graph cache off)."""
     width = {"AVX512": 512, "AVX2": 256}.get(torch.backends.cpu.get_cpu_capability())
     if width is not None:
         from torch._inductor import config
